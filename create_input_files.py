@@ -1,0 +1,308 @@
+"""Pack images and tokenised captions into HDF5 + JSON for train.py, eval.py and datasets.py.
+
+    python create_input_files.py --dataset coco --karpathy-json data/caption_datasets/dataset_coco.json \
+        --image-folder data/coco --output-folder data/coco_packed
+    python create_input_files.py --dataset coco --coco-annotations \
+        data/coco/annotations/captions_train2014.json data/coco/annotations/captions_val2014.json \
+        --image-folder data/coco --output-folder data/coco_packed
+    python create_input_files.py --dataset shapes --karpathy-json data/shapes/dataset_shapes.json \
+        --image-folder data/shapes --output-folder data/shapes_packed --image-size 64
+
+Output folder (manifest.json is written last, so a folder without it is an unfinished run):
+    word_map.json           {word: index}, <pad> = 0, then words, <unk>, <start>, <end>
+    {split}.h5              images (N, 3, S, S) uint8; captions (N*C, max_len+2) int32
+                            (<start> words <end> <pad>...); lengths (N*C,) int32 with <start>/<end>
+    {split}_meta.json       per image: source file, image id, and objects with boxes (shapes set)
+    manifest.json           what was packed, how, and the counts of what was dropped
+"""
+
+import argparse
+import multiprocessing
+import random
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from utils import (MANIFEST, SPLITS, WORD_MAP, UserError, load_image, meta_file, read_json, run_main,
+                   split_file, write_json)
+
+# Words are runs of letters or digits in any script, with inner apostrophes ("don't").
+_WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
+
+
+def tokenize(text):
+    """Lower-cased words of a caption; punctuation is dropped. Needs no downloaded NLTK data."""
+    return _WORD.findall(text.lower())
+
+
+def parse_args(argv=None):
+    """Command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = parser.add_argument_group("source")
+    src.add_argument("--dataset", choices=("coco", "flickr8k", "flickr30k", "shapes"), default="coco",
+                     help="dataset name, recorded in the manifest (default: coco)")
+    src.add_argument("--karpathy-json", type=Path, default=None,
+                     help="Karpathy-format split file (dataset_coco.json, ..., dataset_shapes.json)")
+    src.add_argument("--coco-annotations", type=Path, nargs="+", default=None,
+                     help="instead of --karpathy-json: official COCO caption files "
+                          "(captions_train2014.json captions_val2014.json), read with pycocotools")
+    src.add_argument("--image-folder", type=Path, required=True,
+                     help="folder the images' paths are relative to (Karpathy's filepath/filename, "
+                          "or <folder>/train2014/<file_name> for --coco-annotations)")
+    src.add_argument("--val-size", type=int, default=5000,
+                     help="--coco-annotations only: val2014 images held out for validation (default 5000)")
+    src.add_argument("--test-size", type=int, default=5000,
+                     help="--coco-annotations only: val2014 images held out for testing (default 5000)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-folder", type=Path, required=True, help="where the packed files go")
+    out.add_argument("--image-size", type=int, default=256, help="side of the square images (default 256)")
+    out.add_argument("--captions-per-image", type=int, default=5,
+                     help="captions kept per image; images with fewer repeat some (default 5)")
+    out.add_argument("--min-word-freq", type=int, default=5,
+                     help="words seen fewer times in training captions become <unk> (default 5)")
+    out.add_argument("--max-len", type=int, default=50,
+                     help="captions with more words are dropped (default 50)")
+    sysg = parser.add_argument_group("system")
+    sysg.add_argument("--workers", type=int, default=min(8, multiprocessing.cpu_count()),
+                      help="processes decoding images (default: CPU count, at most 8)")
+    sysg.add_argument("--seed", type=int, default=0, help="seed for choosing and repeating captions")
+    sysg.add_argument("--skip-bad-images", action="store_true",
+                      help="skip images that are missing or cannot be decoded (with their captions) "
+                           "and list them at the end, instead of stopping at the first one")
+    args = parser.parse_args(argv)
+    if (args.karpathy_json is None) == (args.coco_annotations is None):
+        parser.error("give exactly one of --karpathy-json and --coco-annotations")
+    for name in ("image_size", "captions_per_image", "max_len"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers < 0:
+        parser.error("--workers must be 0 (decode in this process) or more")
+    return args
+
+
+def read_karpathy(path, image_folder):
+    """Karpathy-format JSON -> list of image records {split, path, raw_captions, image_id, objects}.
+
+    'restval' images go to training, as in the tutorial.
+    """
+    data = read_json(path, "a Karpathy-format split file with an 'images' list")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise UserError(f"{path}: no 'images' list; expected a Karpathy-format split file")
+    records = []
+    for i, img in enumerate(data["images"]):
+        try:
+            split = {"restval": "train"}.get(img["split"], img["split"])
+            captions = [" ".join(s["tokens"]) if "tokens" in s else s["raw"] for s in img["sentences"]]
+            records.append({
+                "split": split,
+                "path": image_folder / img.get("filepath", "") / img["filename"],
+                "captions": [c if isinstance(c, str) else "" for c in captions],
+                "image_id": img.get("cocoid", img.get("imgid", i)),
+                "objects": img.get("objects"),
+                "size": (img.get("width"), img.get("height")),
+            })
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"{path}: image entry {i} lacks {exc}; expected Karpathy's fields "
+                            "filename, split and sentences with tokens or raw") from None
+        if split not in SPLITS:
+            raise UserError(f"{path}: image entry {i} has split {img['split']!r}, "
+                            "expected train, restval, val or test")
+    return records
+
+
+def read_coco_annotations(paths, image_folder, val_size, test_size, seed):
+    """Official COCO caption files -> image records. train2014 trains; val2014 gives `val_size`
+    validation and `test_size` test images, chosen by a seeded shuffle, and its rest trains."""
+    from pycocotools.coco import COCO
+
+    records = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such COCO annotation file")
+        subset = "val2014" if "val" in Path(path).name else "train2014"
+        coco = COCO(str(path))
+        image_ids = sorted(coco.getImgIds())
+        if subset == "val2014":
+            random.Random(seed).shuffle(image_ids)
+        for rank, image_id in enumerate(image_ids):
+            info = coco.loadImgs(image_id)[0]
+            split = "train"
+            if subset == "val2014":
+                split = "val" if rank < val_size else "test" if rank < val_size + test_size else "train"
+            captions = [a["caption"] for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))]
+            records.append({"split": split, "path": image_folder / subset / info["file_name"],
+                            "captions": captions, "image_id": image_id, "objects": None,
+                            "size": (info.get("width"), info.get("height"))})
+    return records
+
+
+def _load_for_pool(job):
+    """Worker: (index, path, size) -> (index, pixels or None, error message or None)."""
+    index, path, size = job
+    try:
+        return index, load_image(path, size), None
+    except UserError as exc:
+        return index, None, str(exc)
+
+
+def decode_images(records, size, workers):
+    """Yield (index, pixels or None, error or None) in input order, decoding in `workers` processes."""
+    jobs = [(i, r["path"], size) for i, r in enumerate(records)]
+    if workers == 0:
+        yield from map(_load_for_pool, jobs)
+        return
+    with multiprocessing.Pool(workers) as pool:
+        yield from pool.imap(_load_for_pool, jobs, chunksize=8)
+
+
+def encode_caption(tokens, word_map, max_len):
+    """Words -> `<start> ids <end> <pad>...` of length max_len + 2, and its length."""
+    unk = word_map["<unk>"]
+    ids = [word_map["<start>"]] + [word_map.get(w, unk) for w in tokens] + [word_map["<end>"]]
+    return ids + [word_map["<pad>"]] * (max_len + 2 - len(ids)), len(ids)
+
+
+def build_word_map(train_captions, min_word_freq):
+    """{word: index}: <pad> 0, then words seen at least `min_word_freq` times, <unk>, <start>, <end>."""
+    freq = Counter(w for caps in train_captions for c in caps for w in c)
+    words = sorted(w for w, n in freq.items() if n >= min_word_freq)  # sorted: the same map every run
+    word_map = {"<pad>": 0}
+    for w in words + ["<unk>", "<start>", "<end>"]:
+        word_map[w] = len(word_map)
+    return word_map
+
+
+def normalised_objects(record, image_path):
+    """The record's objects with boxes scaled to [0, 1] of the image, or None."""
+    if not record["objects"]:
+        return None
+    width, height = record["size"]
+    if not width or not height:
+        from PIL import Image
+
+        with Image.open(image_path) as im:
+            width, height = im.size
+    return [{**o, "bbox": [o["bbox"][0] / width, o["bbox"][1] / height,
+                           o["bbox"][2] / width, o["bbox"][3] / height]} for o in record["objects"]]
+
+
+def pack(args):
+    """The whole packing run; returns the manifest it wrote."""
+    out = args.output_folder
+    out.mkdir(parents=True, exist_ok=True)
+    # The manifest marks a finished run: remove it first so a run killed part way is never
+    # mistaken for a finished one, whatever an earlier run left here.
+    (out / MANIFEST).unlink(missing_ok=True)
+
+    if args.karpathy_json is not None:
+        records = read_karpathy(args.karpathy_json, args.image_folder)
+    else:
+        records = read_coco_annotations(args.coco_annotations, args.image_folder, args.val_size,
+                                        args.test_size, args.seed)
+
+    dropped = Counter()
+    for record in records:
+        tokenized = []
+        for caption in record["captions"]:
+            tokens = tokenize(caption)
+            if not tokens:
+                dropped["empty_captions"] += 1
+            elif len(tokens) > args.max_len:
+                dropped["long_captions"] += 1
+            else:
+                tokenized.append(tokens)
+        record["tokens"] = tokenized
+    usable = [r for r in records if r["tokens"]]
+    dropped["images_without_captions"] = len(records) - len(usable)
+
+    # Images first, so that the word map counts only the captions of images that were kept.
+    bad_images = []
+    kept = {split: [] for split in SPLITS}
+    split_files = {}
+    try:
+        for split in SPLITS:
+            split_files[split] = h5py.File(out / f".{split}.h5.partial", "w")
+            split_files[split].create_dataset(
+                "images", shape=(0, 3, args.image_size, args.image_size),
+                maxshape=(None, 3, args.image_size, args.image_size), dtype="uint8",
+                chunks=(1, 3, args.image_size, args.image_size))
+        progress = tqdm(decode_images(usable, args.image_size, args.workers), total=len(usable),
+                        desc="packing images", unit="img", file=sys.stderr)
+        for index, pixels, error in progress:
+            record = usable[index]
+            if error is not None:
+                if not args.skip_bad_images:
+                    raise UserError(f"{error}; fix or remove it, or pass --skip-bad-images")
+                bad_images.append(str(record["path"]))
+                continue
+            images = split_files[record["split"]]["images"]
+            images.resize(images.shape[0] + 1, axis=0)
+            images[-1] = pixels
+            kept[record["split"]].append(record)
+
+        word_map = build_word_map([r["tokens"] for r in kept["train"]], args.min_word_freq)
+        for split in SPLITS:
+            write_captions(split_files[split], kept[split], word_map, args)
+    finally:
+        for f in split_files.values():
+            f.close()
+
+    for split in SPLITS:
+        (out / f".{split}.h5.partial").replace(split_file(out, split))
+        write_json(meta_file(out, split), {"images": [
+            {"file": str(r["path"]), "image_id": r["image_id"],
+             "objects": normalised_objects(r, r["path"])} for r in kept[split]]})
+    write_json(out / WORD_MAP, word_map)
+    manifest = {
+        "format_version": 1, "dataset": args.dataset, "image_size": args.image_size,
+        "captions_per_image": args.captions_per_image, "max_len": args.max_len,
+        "min_word_freq": args.min_word_freq, "vocab_size": len(word_map),
+        "images": {split: len(kept[split]) for split in SPLITS},
+        "has_objects": any(r["objects"] for r in usable),
+        "dropped": {**dict(dropped), "bad_images": len(bad_images)}, "bad_images": bad_images,
+    }
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def write_captions(h5, records, word_map, args):
+    """Encode each image's captions (exactly captions_per_image of them) into the split file."""
+    cpi = args.captions_per_image
+    h5.attrs["captions_per_image"] = cpi
+    captions = np.zeros((len(records) * cpi, args.max_len + 2), dtype=np.int32)
+    lengths = np.zeros(len(records) * cpi, dtype=np.int32)
+    for i, record in enumerate(records):
+        # Seeded per image, so the choice does not depend on worker scheduling or other images.
+        rng = random.Random(f"{args.seed}/{record['image_id']}/{record['path']}")
+        tokens = record["tokens"]
+        if len(tokens) < cpi:
+            chosen = tokens + [rng.choice(tokens) for _ in range(cpi - len(tokens))]
+        else:
+            chosen = rng.sample(tokens, k=cpi)
+        for j, caption in enumerate(chosen):
+            captions[i * cpi + j], lengths[i * cpi + j] = encode_caption(caption, word_map, args.max_len)
+    h5.create_dataset("captions", data=captions)
+    h5.create_dataset("lengths", data=lengths)
+
+
+def main(argv=None):
+    """Pack a dataset; print what was kept and dropped."""
+    args = parse_args(argv)
+    manifest = pack(args)
+    print(f"packed {manifest['images']} images into {args.output_folder}, "
+          f"vocabulary {manifest['vocab_size']} words")
+    dropped = {k: v for k, v in manifest["dropped"].items() if v}
+    if dropped:
+        print("dropped: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in dropped.items()))
+    for name in manifest["bad_images"]:
+        print(f"  skipped bad image: {name}")
+    return manifest
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(), "create_input_files.py")

@@ -1,0 +1,356 @@
+"""Show, Attend and Tell: a CNN encoder, soft attention and an LSTM decoder.
+
+Xu et al. 2015, "Show, Attend and Tell: Neural Image Caption Generation with Visual Attention",
+https://arxiv.org/abs/1502.03044 (the "soft" deterministic attention of section 4.2).
+
+    from models import Encoder, DecoderWithAttention
+    encoder = Encoder(arch="resnet101", pretrained=False)
+    decoder = DecoderWithAttention(vocab_size=10000, encoder_dim=encoder.encoder_dim)
+
+Dimension legend used in shape comments:
+    B batch, K beams, P pixels of the encoder grid, E encoder dim, D decoder dim, A attention dim,
+    M embedding dim, T caption steps, V vocabulary.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+RESNET_BLOCKS = ("layer1", "layer2", "layer3", "layer4")
+
+# Channels out of each residual stage: basic blocks (18/34) vs. bottleneck blocks (50/101/152).
+_STAGE_CHANNELS = {
+    "basic": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
+    "bottleneck": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
+}
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """ImageNet weights were asked for but could not be downloaded or read."""
+
+
+def encoder_dim_for(arch, cut_after="layer4"):
+    """Number of channels the encoder emits for a ResNet `arch` cut after block `cut_after`."""
+    kind = "basic" if arch in ("resnet18", "resnet34") else "bottleneck"
+    return _STAGE_CHANNELS[kind][cut_after]
+
+
+def _build_resnet(arch, pretrained, weights_path, load_weights):
+    """A torchvision ResNet with ImageNet weights (downloaded, or read from `weights_path`) or random."""
+    if arch not in RESNET_ARCHS:
+        raise ValueError(f"unknown encoder architecture {arch!r}; choose one of {', '.join(RESNET_ARCHS)}")
+    resnet = getattr(torchvision.models, arch)(weights=None)
+    if not load_weights:
+        return resnet
+    if weights_path:
+        try:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            resnet.load_state_dict(state)
+        except Exception as exc:  # a missing file, a non-torch file, or another model's weights
+            raise PretrainedWeightsUnavailable(
+                f"cannot load encoder weights from {weights_path}: {str(exc).splitlines()[0]}; "
+                f"pass a state dict saved from torchvision.models.{arch}"
+            ) from None
+    elif pretrained:
+        weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+        try:
+            resnet.load_state_dict(weights.get_state_dict(progress=True))
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError
+            raise PretrainedWeightsUnavailable(
+                f"could not download the ImageNet weights of {arch} ({exc.__class__.__name__}); "
+                "without internet pass --no-pretrained to start from random weights, "
+                "or --encoder-weights PATH to read a torchvision state dict from disk"
+            ) from None
+    return resnet
+
+
+class Encoder(nn.Module):
+    """A ResNet without its pooling and classifier, pooled to an `encoded_size` x `encoded_size` grid.
+
+    Args:
+        arch: one of RESNET_ARCHS.
+        encoded_size: side of the output grid (adaptive average pooling), 14 in the paper's setup.
+        pretrained: load torchvision's ImageNet weights (needs internet or a warm torch hub cache).
+        weights_path: a local torchvision state dict for `arch`; overrides `pretrained`.
+        fine_tune: train conv blocks 2-4 as in the tutorial; a randomly initialised encoder trains
+            all of it, since frozen random filters carry nothing worth keeping.
+        cut_after: the last residual block kept ("layer4" is the paper's setup; cutting earlier
+            gives a finer, cheaper grid, which the small synthetic demo uses).
+        load_weights: False builds the architecture only, for weights that come from a checkpoint
+            (`pretrained` and `weights_path` then only say how the encoder was initialised).
+    """
+
+    def __init__(self, arch="resnet101", encoded_size=14, pretrained=True, weights_path=None,
+                 fine_tune=False, cut_after="layer4", load_weights=True):
+        super().__init__()
+        if cut_after not in RESNET_BLOCKS:
+            raise ValueError(f"cut_after must be one of {', '.join(RESNET_BLOCKS)}, got {cut_after!r}")
+        resnet = _build_resnet(arch, pretrained, weights_path, load_weights)
+        blocks = [resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool]
+        for name in RESNET_BLOCKS[: RESNET_BLOCKS.index(cut_after) + 1]:
+            blocks.append(getattr(resnet, name))
+        self.resnet = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d((encoded_size, encoded_size))
+        self.encoded_size = encoded_size
+        self.encoder_dim = encoder_dim_for(arch, cut_after)
+        self.random_init = not (pretrained or weights_path)
+        self.set_fine_tuning(fine_tune)
+
+    def set_fine_tuning(self, fine_tune):
+        """Freeze the encoder, or unfreeze conv blocks 2-4 (all of it when randomly initialised)."""
+        first_trainable = 0 if self.random_init else 5  # resnet children 5+ are layer2, layer3, layer4
+        for index, child in enumerate(self.resnet.children()):
+            for param in child.parameters():
+                param.requires_grad = fine_tune and index >= first_trainable
+        self.train(self.training)
+
+    def train(self, mode=True):
+        """Like nn.Module.train, but frozen blocks stay in eval mode so BatchNorm statistics stay put."""
+        super().train(mode)
+        for child in self.resnet.children():
+            if not any(p.requires_grad for p in child.parameters()):
+                child.eval()
+        return self
+
+    def forward(self, images):
+        """images: (B, 3, H, W) float, ImageNet-normalised -> (B, P, E) features, P = encoded_size**2."""
+        features = self.pool(self.resnet(images))  # (B, E, S, S)
+        return features.flatten(2).transpose(1, 2)  # (B, P, E)
+
+
+class Attention(nn.Module):
+    """Additive soft attention (Bahdanau-style), eq. 4-6 of the paper.
+
+    The encoder projection does not depend on the step, so the decoder computes it once per batch
+    with `project_encoder` and passes it to every step.
+    """
+
+    def __init__(self, encoder_dim, decoder_dim, attention_dim):
+        super().__init__()
+        self.encoder_att = nn.Linear(encoder_dim, attention_dim)
+        self.decoder_att = nn.Linear(decoder_dim, attention_dim)
+        self.full_att = nn.Linear(attention_dim, 1)
+
+    def project_encoder(self, encoder_out):
+        """encoder_out: (B, P, E) -> (B, P, A)."""
+        return self.encoder_att(encoder_out)
+
+    def forward(self, encoder_out, encoder_proj, decoder_hidden):
+        """One attention step.
+
+        Args:
+            encoder_out: (N, P, E) float, encoder features.
+            encoder_proj: (N, P, A) float, `project_encoder(encoder_out)`.
+            decoder_hidden: (N, D) float, the previous hidden state.
+        Returns:
+            context (N, E) float, the attention-weighted encoding, and alpha (N, P), summing to 1.
+        """
+        hidden_proj = self.decoder_att(decoder_hidden).unsqueeze(1)  # (N, 1, A)
+        scores = self.full_att(F.relu(encoder_proj + hidden_proj)).squeeze(2)  # (N, P)
+        alpha = scores.softmax(dim=1)  # (N, P)
+        context = torch.bmm(alpha.unsqueeze(1), encoder_out).squeeze(1)  # (N, E)
+        return context, alpha
+
+
+class DecoderWithAttention(nn.Module):
+    """LSTM decoder with soft attention, a gated context and h0/c0 from the mean encoding.
+
+    Args:
+        vocab_size: V, from the word map.
+        encoder_dim, attention_dim, embed_dim, decoder_dim: E, A, M, D.
+        dropout: before the output layer, as in the tutorial.
+    """
+
+    def __init__(self, vocab_size, encoder_dim=2048, attention_dim=512, embed_dim=512,
+                 decoder_dim=512, dropout=0.5):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.encoder_dim = encoder_dim
+        self.attention = Attention(encoder_dim, decoder_dim, attention_dim)
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.dropout = nn.Dropout(p=dropout)
+        self.lstm = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim)
+        self.init_h = nn.Linear(encoder_dim, decoder_dim)
+        self.init_c = nn.Linear(encoder_dim, decoder_dim)
+        self.f_beta = nn.Linear(decoder_dim, encoder_dim)  # gate on the context, section 4.2.1
+        self.fc = nn.Linear(decoder_dim, vocab_size)
+        self._init_weights()
+
+    def _init_weights(self):
+        """Uniform embeddings and output layer, zero output bias, as in the tutorial."""
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.fc.weight, -0.1, 0.1)
+        nn.init.zeros_(self.fc.bias)
+
+    def init_hidden_state(self, encoder_out):
+        """encoder_out: (N, P, E) -> h0, c0: (N, D) each, from the mean encoding."""
+        mean_encoding = encoder_out.mean(dim=1)  # (N, E)
+        return self.init_h(mean_encoding), self.init_c(mean_encoding)
+
+    def step(self, encoder_out, encoder_proj, embedded, h, c):
+        """One LSTM step on the previous word's embedding (N, M) -> new h, c (N, D) and alpha (N, P)."""
+        context, alpha = self.attention(encoder_out, encoder_proj, h)  # (N, E), (N, P)
+        gate = torch.sigmoid(self.f_beta(h))  # (N, E)
+        h, c = self.lstm(torch.cat([embedded, gate * context], dim=1), (h, c))  # (N, D) each
+        return h, c, alpha
+
+    def forward(self, encoder_out, captions, caption_lengths):
+        """Teacher-forced decoding.
+
+        Args:
+            encoder_out: (B, P, E) float.
+            captions: (B, L) long, `<start> w1 ... wn <end> <pad>...`.
+            caption_lengths: (B,) long, tokens including `<start>` and `<end>`.
+        Returns:
+            scores (B, T, V) float for predicting captions[:, 1:T+1] with T = max(decode_lengths)
+            (zero at padded steps), alphas (B, T, P) float (zero at padded steps), and
+            decode_lengths (B,) long = caption_lengths - 1. Rows stay in the input order.
+        """
+        batch_size, num_pixels, _ = encoder_out.shape
+        decode_lengths = caption_lengths - 1  # (B,)
+        max_steps = int(decode_lengths.max())
+
+        # Sorting by length lets step t run only on the captions still going (a prefix of the batch).
+        decode_lengths_sorted, order = decode_lengths.sort(descending=True)
+        active_per_step = (decode_lengths_sorted.unsqueeze(0) > torch.arange(
+            max_steps, device=decode_lengths.device).unsqueeze(1)).sum(1).tolist()  # T ints
+
+        encoder_out = encoder_out[order]  # (B, P, E)
+        encoder_proj = self.attention.project_encoder(encoder_out)  # (B, P, A), once per batch
+        embeddings = self.embedding(captions[order])  # (B, L, M)
+        h, c = self.init_hidden_state(encoder_out)  # (B, D) each
+
+        hiddens = encoder_out.new_zeros(batch_size, max_steps, h.shape[1])  # (B, T, D)
+        alphas = encoder_out.new_zeros(batch_size, max_steps, num_pixels)  # (B, T, P)
+        for t, n in enumerate(active_per_step):
+            h, c, alpha = self.step(encoder_out[:n], encoder_proj[:n], embeddings[:n, t], h[:n], c[:n])
+            hiddens[:n, t] = h
+            alphas[:n, t] = alpha
+
+        # The output layer has no recurrence: one matmul over all steps instead of one per step.
+        steps = torch.arange(max_steps, device=captions.device)
+        valid = (steps.unsqueeze(0) < decode_lengths_sorted.unsqueeze(1)).unsqueeze(2)  # (B, T, 1)
+        scores = self.fc(self.dropout(hiddens)) * valid  # (B, T, V)
+
+        unsort = order.argsort()
+        return scores[unsort], alphas[unsort], decode_lengths
+
+    def _decode_setup(self, encoder_out, beam_size):
+        """Shared start of greedy and beam decoding: projections once per image, states per beam."""
+        encoder_proj = self.attention.project_encoder(encoder_out)  # (B, P, A)
+        h, c = self.init_hidden_state(encoder_out)  # (B, D) each
+        # Every beam of an image reads the same features: repeat rows, not the projection work.
+        encoder_out = encoder_out.repeat_interleave(beam_size, dim=0)  # (B*K, P, E)
+        encoder_proj = encoder_proj.repeat_interleave(beam_size, dim=0)  # (B*K, P, A)
+        h = h.repeat_interleave(beam_size, dim=0)  # (B*K, D)
+        c = c.repeat_interleave(beam_size, dim=0)  # (B*K, D)
+        return encoder_out, encoder_proj, h, c
+
+    @torch.no_grad()
+    def beam_search(self, encoder_out, start_token, end_token, beam_size=3, max_steps=50,
+                    return_alphas=False):
+        """Batched beam search: all beams of all images advance as one tensor batch.
+
+        A beam that emits `<end>` is finished: it keeps its score and holds its place among the K
+        best, so images finish independently. Decoding stops when every beam of every image is
+        finished or after `max_steps` words. The best finished beam wins (the best unfinished one
+        when none finished, so a caption is always returned). Scores are summed log-probabilities,
+        as in the tutorial. Beam size 1 is greedy decoding.
+
+        Args:
+            encoder_out: (B, P, E) float.
+            start_token, end_token: word-map indices of `<start>` and `<end>`.
+            beam_size: K.
+            max_steps: the most words generated per caption, `<end>` included.
+            return_alphas: also return each word's attention map.
+        Returns:
+            tokens: list of B lists of word indices, without `<start>` and `<end>`.
+            alphas (only with return_alphas): list of B float tensors (len(tokens[i]), P).
+        """
+        batch_size, num_pixels, _ = encoder_out.shape
+        k = beam_size
+        device = encoder_out.device
+        encoder_out, encoder_proj, h, c = self._decode_setup(encoder_out, k)
+
+        words = torch.full((batch_size * k,), start_token, dtype=torch.long, device=device)  # (B*K,)
+        # Only beam 0 is live at first, so the K beams do not start as K copies of one hypothesis.
+        beam_scores = torch.full((batch_size, k), -math.inf, device=device)  # (B, K)
+        beam_scores[:, 0] = 0.0
+        finished = torch.zeros(batch_size, k, dtype=torch.bool, device=device)  # (B, K)
+        sequences = torch.empty(batch_size, k, 0, dtype=torch.long, device=device)  # (B, K, t)
+        alpha_history = encoder_out.new_empty(batch_size, k, 0, num_pixels)  # (B, K, t, P)
+        batch_base = (torch.arange(batch_size, device=device) * k).unsqueeze(1)  # (B, 1)
+        # Checking whether all beams finished reads a tensor on the host; on a GPU do it rarely
+        # so the step loop does not stall the device every step.
+        check_every = 1 if device.type == "cpu" else 8
+
+        for t in range(max_steps):
+            h, c, alpha = self.step(encoder_out, encoder_proj, self.embedding(words), h, c)
+            log_probs = F.log_softmax(self.fc(h), dim=1).view(batch_size, k, -1)  # (B, K, V)
+            vocab_size = log_probs.shape[2]
+            # A finished beam extends only by one dummy <end> that leaves its score unchanged.
+            frozen = torch.full_like(log_probs, -math.inf)
+            frozen[:, :, end_token] = 0.0
+            log_probs = torch.where(finished.unsqueeze(2), frozen, log_probs)
+            candidates = (beam_scores.unsqueeze(2) + log_probs).view(batch_size, -1)  # (B, K*V)
+            beam_scores, flat_index = candidates.topk(k, dim=1)  # (B, K)
+            parent = flat_index // vocab_size  # (B, K)
+            next_words = flat_index % vocab_size  # (B, K)
+
+            rows = (batch_base + parent).view(-1)  # (B*K,) parents' rows in the flat batch
+            sequences = torch.cat([sequences.gather(1, parent.unsqueeze(2).expand(-1, -1, t)),
+                                   next_words.unsqueeze(2)], dim=2)  # (B, K, t+1)
+            if return_alphas:
+                parent_alphas = alpha_history.gather(
+                    1, parent.view(batch_size, k, 1, 1).expand(-1, -1, t, num_pixels))
+                alpha_history = torch.cat(
+                    [parent_alphas, alpha.view(batch_size, k, 1, num_pixels)[
+                        torch.arange(batch_size, device=device).unsqueeze(1), parent]], dim=2)
+            finished = finished.gather(1, parent) | (next_words == end_token)  # (B, K)
+            h, c, words = h[rows], c[rows], next_words.view(-1)
+            if (t + 1) % check_every == 0 and bool(finished.all()):
+                break
+
+        # Prefer finished beams; among them (or among all, when none finished) the best score.
+        ranked = torch.where(finished, beam_scores, beam_scores - 1e9)  # (B, K)
+        best = ranked.argmax(dim=1)  # (B,)
+        best_sequences = sequences[torch.arange(batch_size, device=device), best].tolist()
+        tokens = []
+        lengths = []
+        for seq in best_sequences:
+            length = seq.index(end_token) if end_token in seq else len(seq)
+            tokens.append(seq[:length])
+            lengths.append(length)
+        if not return_alphas:
+            return tokens
+        best_alphas = alpha_history[torch.arange(batch_size, device=device), best]  # (B, t, P)
+        # Keep the maps of the words returned; the <end> step's map is dropped with the word.
+        return tokens, [best_alphas[i, :n].cpu() for i, n in enumerate(lengths)]
+
+    @torch.no_grad()
+    def greedy_decode(self, encoder_out, start_token, end_token, max_steps=50, return_alphas=False):
+        """Greedy decoding: the most likely word at every step. Same inputs and outputs as
+        `beam_search`; written separately so that the two can check each other."""
+        batch_size = encoder_out.shape[0]
+        encoder_out, encoder_proj, h, c = self._decode_setup(encoder_out, 1)
+        words = torch.full((batch_size,), start_token, dtype=torch.long, device=encoder_out.device)
+        step_words, step_alphas = [], []
+        for _ in range(max_steps):
+            h, c, alpha = self.step(encoder_out, encoder_proj, self.embedding(words), h, c)
+            words = self.fc(h).argmax(dim=1)  # (B,)
+            step_words.append(words)
+            step_alphas.append(alpha)
+            if bool((torch.stack(step_words, 1) == end_token).any(1).all()):
+                break
+        all_words = torch.stack(step_words, dim=1).tolist()  # (B, t)
+        all_alphas = torch.stack(step_alphas, dim=1)  # (B, t, P)
+        tokens, maps = [], []
+        for i, seq in enumerate(all_words):
+            length = seq.index(end_token) if end_token in seq else len(seq)
+            tokens.append(seq[:length])
+            maps.append(all_alphas[i, :length].cpu())
+        return (tokens, maps) if return_alphas else tokens
