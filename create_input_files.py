@@ -33,11 +33,21 @@ from utils import (MANIFEST, SPLITS, WORD_MAP, UserError, load_image, meta_file,
 
 # Words are runs of letters or digits in any script, with inner apostrophes ("don't").
 _WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
+# Chinese and Japanese are written without spaces, so each ideograph or kana is a word of its own
+# (as BERT's tokenizer does); otherwise "一只猫" would be one word, seen once.
+_CJK = "[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]"
+_HAS_CJK = re.compile(_CJK)
+_LETTERS = f"(?:(?!{_CJK})[^\\W_])+"
+_CJK_OR_WORD = re.compile(f"{_CJK}|{_LETTERS}(?:['\u2019]{_LETTERS})*")
 
 
 def tokenize(text):
     """Lower-cased words of a caption; punctuation is dropped. Needs no downloaded NLTK data."""
-    return _WORD.findall(text.lower())
+    words = _WORD.findall(text.lower())
+    if text.isascii() or not _HAS_CJK.search(text):
+        return words
+    return [part for word in words
+            for part in (_CJK_OR_WORD.findall(word) if _HAS_CJK.search(word) else [word])]
 
 
 def parse_args(argv=None):

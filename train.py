@@ -31,8 +31,8 @@ from tqdm import tqdm
 from datasets import CaptionDataset
 from models import RESNET_ARCHS, RESNET_BLOCKS
 from utils import (ARCH_ARGS, CHECKPOINT_VERSION, AverageMeter, UserError, atomic_write, bleu_scores,
-                   build_models, load_checkpoint, read_word_map, rng_state, run_main, save_checkpoint,
-                   set_rng_state, strip_special)
+                   build_models, load_checkpoint, load_model_weights, read_word_map, rng_state, run_main,
+                   save_checkpoint, set_rng_state, strip_special)
 
 
 def parse_args(argv=None):
@@ -133,9 +133,11 @@ def all_reduce_sum(values, device, world_size):
 
 def _worker_init(_):
     """DataLoader workers decode and normalise only: one thread each, so they do not starve training.
-    Ctrl-C reaches the whole process group; the main process handles it, the workers ignore it."""
+    Ctrl-C, and a scheduler's SIGTERM, reach the whole process group: the main process saves a
+    checkpoint and shuts the workers down itself, so the workers ignore both."""
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def autocast(device, amp):
@@ -188,7 +190,17 @@ class StopRequested:
 
 
 class TrainingDiverged(UserError):
-    """The loss stopped being a finite number."""
+    """The loss or a gradient stopped being a finite number."""
+
+    @classmethod
+    def at(cls, what, epoch, step, args):
+        """The error for `what` happening at `step` (counted from the epoch's start) of `epoch`."""
+        last = Path(args.output_dir) / "last.pt"
+        keeps = (f"{last} keeps the last good state: resume from it with lower learning rates"
+                 if last.is_file() else "no checkpoint was written yet: lower the learning rates")
+        hint = ", or use --amp bf16 instead of fp16" if args.amp == "fp16" else ""
+        return cls(f"{what} at epoch {epoch}, step {step}; stopped before updating the weights, and "
+                   f"{keeps}{hint}")
 
 
 def train_one_epoch(encoder, decoder, loader, optimizers, scaler, args, device, epoch, samples_done,
@@ -204,7 +216,8 @@ def train_one_epoch(encoder, decoder, loader, optimizers, scaler, args, device, 
     losses, top5 = AverageMeter(), AverageMeter()
     progress = tqdm(loader, desc=f"epoch {epoch}", unit="batch", file=sys.stderr,
                     disable=not show_progress, dynamic_ncols=True)
-    for step, (images, captions, lengths) in enumerate(progress):
+    first_step = samples_done // (args.batch_size * world_size)  # > 0 when resumed mid-epoch
+    for step, (images, captions, lengths) in enumerate(progress, start=first_step):
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
@@ -221,13 +234,20 @@ def train_one_epoch(encoder, decoder, loader, optimizers, scaler, args, device, 
         nonfinite, stop_flag = all_reduce_sum(
             [float(not torch.isfinite(loss)), float(stop.signal is not None)], device, world_size)
         if nonfinite:
-            raise TrainingDiverged(
-                f"the loss became {loss.item()} at epoch {epoch}, step {step}; stopped before "
-                f"updating the weights, and {args.output_dir / 'last.pt'} keeps the last good state "
-                "(lower the learning rates, or try --amp bf16 instead of fp16)")
+            raise TrainingDiverged.at(f"the loss became {loss.item()}", epoch, step, args)
         scaler.scale(loss).backward()
         for opt in optimizers:
             scaler.unscale_(opt)
+        # fp16: the scaler skips a step with inf/NaN gradients and lowers its scale, which is normal.
+        # Otherwise such a gradient is divergence: check before clipping, which would turn inf into
+        # +-grad_clip and hide it, and before the step, which would write NaN into the weights.
+        if not scaler.is_enabled():
+            finite = [p.grad.isfinite().all() for p in trainable if p.grad is not None]
+            bad_grads, = all_reduce_sum([float(not torch.stack(finite).all()) if finite else 0.0], device,
+                                        world_size)
+            if bad_grads:
+                raise TrainingDiverged.at(f"a gradient became inf or NaN (loss {loss.item():.4g})", epoch,
+                                          step, args)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_value_(trainable, args.grad_clip)
         for opt in optimizers:
@@ -256,7 +276,7 @@ def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size
     encoder.eval()
     decoder.eval()
     decoder_module = decoder.module if isinstance(decoder, DistributedDataParallel) else decoder
-    loss_sum = words = correct = 0.0
+    word_loss_sum = penalty_sum = num_captions = words = correct = 0.0
     decoded, references = [], {}
     for images, captions, lengths, indices in loader:
         images = images.to(device, non_blocking=True)
@@ -269,18 +289,23 @@ def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size
             features = encoder(images)  # (B, P, E)
             scores, alphas, decode_lengths = decoder_module(
                 features.repeat_interleave(per_image, dim=0), flat_captions, flat_lengths)
-            loss, real_scores, real_targets = caption_loss(scores, flat_captions, decode_lengths,
-                                                           alphas, alpha_c)
+            _, real_scores, real_targets = caption_loss(scores, flat_captions, decode_lengths,
+                                                        alphas, alpha_c)
             hypotheses = decoder_module.beam_search(features, word_map["<start>"], word_map["<end>"],
                                                     beam_size=beam_size, max_steps=max_steps)
-        loss_sum += loss.item() * real_targets.numel()
+        # Sums, not batch means, so that the loss does not depend on how the split is batched or
+        # sharded: caption_loss's cross-entropy is per word, its attention penalty per caption.
+        word_loss_sum += F.cross_entropy(real_scores, real_targets, reduction="sum").item()
+        penalty_sum += ((1.0 - alphas.float().sum(dim=1)) ** 2).mean(dim=1).sum().item()
+        num_captions += alphas.shape[0]
         words += real_targets.numel()
         correct += top5_correct(real_scores, real_targets)
         for index, hypothesis, caps, lens in zip(indices.tolist(), hypotheses, captions, lengths):
             decoded.append((index, hypothesis))
             references[index] = [strip_special(c[:n].tolist(), word_map) for c, n in zip(caps, lens)]
 
-    loss_sum, words, correct = all_reduce_sum([loss_sum, words, correct], device, world_size)
+    word_loss_sum, penalty_sum, num_captions, words, correct = all_reduce_sum(
+        [word_loss_sum, penalty_sum, num_captions, words, correct], device, world_size)
     if world_size > 1:
         gathered = [None] * world_size
         torch_dist.all_gather_object(gathered, (decoded, references))
@@ -288,7 +313,8 @@ def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size
         references = {k: v for _, refs in gathered for k, v in refs.items()}
     decoded.sort()
     bleu = bleu_scores([references[i] for i, _ in decoded], [h for _, h in decoded])
-    metrics = {"val_tf_loss": loss_sum / max(words, 1), "val_tf_top5": correct / max(words, 1),
+    val_tf_loss = word_loss_sum / max(words, 1) + alpha_c * penalty_sum / max(num_captions, 1)
+    metrics = {"val_tf_loss": val_tf_loss, "val_tf_top5": correct / max(words, 1),
                "val_decoded_bleu4": bleu["bleu4"]}
     return metrics, decoded
 
@@ -340,8 +366,10 @@ def main(argv=None):
 def _train(args, rank, world_size, device):
     """The run itself, once processes and devices are set up."""
     is_main = rank == 0
-    random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    # The same seed on every process, so all build the same initial weights: DDP broadcasts only
+    # the modules it wraps, and a frozen encoder is not wrapped.
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed image size: let cuDNN pick the fastest kernels
 
@@ -361,8 +389,10 @@ def _train(args, rank, world_size, device):
         args.pretrained, args.encoder_weights = state["args"]["pretrained"], state["args"]["encoder_weights"]
     encoder, decoder = build_models(vars(args), len(word_map), load_weights=state is None)
     if state is not None:
-        encoder.load_state_dict(state["encoder"])
-        decoder.load_state_dict(state["decoder"])
+        load_model_weights(args.resume, state, encoder, decoder)
+    if world_size > 1:  # from here on each process draws its own dropout masks
+        random.seed(args.seed + rank)
+        torch.manual_seed(args.seed + rank)
     encoder.to(device)
     decoder.to(device)
     if device.type == "cuda":
@@ -392,12 +422,6 @@ def _train(args, rank, world_size, device):
         if encoder_params:
             encoder = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
 
-    if is_main:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        atomic_write(args.output_dir / "args.json", lambda f: json.dump(
-            {**resolved, "world_size": world_size, "device": str(device)}, f, indent=2))
-
     def checkpoint(next_epoch, next_samples_done):
         """The whole training state as plain types and state dicts."""
         plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -419,21 +443,30 @@ def _train(args, rank, world_size, device):
 
     stop = StopRequested()
     previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Loaders draw their workers' base seed from their own generator, not the global RNG, so that
+    # creating one does not move the dropout masks: a run resumed mid-epoch creates its loader at
+    # another point in the random stream than the run it continues, and must still match it exactly.
     loader_options = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
-                          worker_init_fn=_worker_init)
+                          worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(args.seed + rank))
     # Validation shards are disjoint and unpadded, so no image is counted twice.
     val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=range(rank, len(val_set), world_size),
                             **loader_options)
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     try:
+        if is_main:  # written once SIGINT/SIGTERM would save a checkpoint: the run has started
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            resolved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+            atomic_write(args.output_dir / "args.json", lambda f: json.dump(
+                {**resolved, "world_size": world_size, "device": str(device)}, f, indent=2))
         while epoch < args.epochs and since_improvement < args.early_stop_patience:
             if samples_done == 0 and since_improvement > 0 and since_improvement % args.lr_decay_patience == 0:
                 for opt in optimizers:
                     for group in opt.param_groups:
                         group["lr"] *= args.lr_decay_factor
             sampler.set_epoch(epoch)
-            # Resuming mid-epoch: skip the batches this epoch already trained on.
-            skip = samples_done // (args.batch_size * world_size) * args.batch_size
+            # Resuming mid-epoch: skip the samples this epoch already trained on (every process has
+            # trained as many: DistributedSampler pads the shards to equal length).
+            skip = samples_done // world_size
             train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=list(sampler)[skip:],
                                       **loader_options)
             started = time.time()
@@ -441,11 +474,13 @@ def _train(args, rank, world_size, device):
                 encoder, decoder, train_loader, optimizers, scaler, args, device, epoch, samples_done,
                 world_size, save_mid_epoch, stop, show_progress=is_main)
             if stopped:
+                # Under torchrun a process whose own signal has not arrived yet stops with the others.
+                signum = stop.signal or signal.SIGTERM
                 if is_main:
                     save_checkpoint(args.output_dir / "last.pt", checkpoint(epoch, samples_done))
-                    print(f"stopped by signal {stop.signal}; saved {args.output_dir / 'last.pt'} "
+                    print(f"stopped by signal {signum}; saved {args.output_dir / 'last.pt'} "
                           f"(resume with --resume)", file=sys.stderr)
-                raise SystemExit(128 + stop.signal)
+                raise SystemExit(128 + signum)
 
             metrics, _ = validate(encoder, decoder, val_loader, word_map, device, args.amp, args.alpha_c,
                                   args.val_beam_size, max_steps, world_size)

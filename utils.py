@@ -5,10 +5,14 @@ Nothing here runs on import.
 
 import json
 import os
+import pickle
 import random
 import shutil
+import signal
+import sys
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +30,18 @@ class UserError(Exception):
 
 
 def run_main(main_fn, prog):
-    """Run a script's main() and turn a UserError into one line on stderr and exit code 1."""
+    """Run a script's main() and turn a UserError into one line on stderr and exit code 1.
+
+    Ctrl-C outside training's own handler (which saves a checkpoint first) exits with code 130 and
+    one line, not a traceback.
+    """
     try:
         return main_fn()
     except (UserError, PretrainedWeightsUnavailable) as exc:
         raise SystemExit(f"{prog}: error: {exc}") from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,6 +81,8 @@ def load_image(path, size):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such image file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes), not an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's chatter about odd EXIF or palettes
@@ -81,6 +94,7 @@ def load_image(path, size):
                 pixels = np.asarray(image, dtype=np.uint8)
     except Exception as exc:  # Pillow raises many types for broken files: all mean "unreadable"
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        reason = reason.replace(f" {str(path)!r}", "")  # Pillow repeats the path
         raise UserError(f"{path}: cannot decode image ({reason})") from None
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, S, S)
 
@@ -178,7 +192,8 @@ def read_manifest(data_folder):
 
 
 def read_word_map(data_folder):
-    """The word map {word: index} of a packed data folder."""
+    """The word map {word: index} of a packed data folder; refuses an unfinished one (its map may be stale)."""
+    read_manifest(data_folder)
     return read_json(Path(data_folder) / WORD_MAP, "a word map written by create_input_files.py")
 
 
@@ -227,9 +242,17 @@ def load_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes), not a checkpoint written by train.py")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+        raise UserError(f"{path}: not a PyTorch zip archive, so not a checkpoint written by train.py")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for files that are not checkpoints
+    except pickle.UnpicklingError:  # what weights_only=True raises for anything but plain types
+        raise UserError(f"{path}: holds pickled Python objects (a whole model, as the original tutorial "
+                        "saved?) rather than the plain state dicts train.py writes; refusing to unpickle "
+                        "it, since that could run arbitrary code") from None
+    except Exception as exc:  # torch raises many types for damaged archives
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise UserError(f"{path}: not a checkpoint written by train.py ({reason[:200]})") from None
     required = {"format_version", "encoder", "decoder", "args", "word_map"}
@@ -244,14 +267,35 @@ def load_checkpoint(path):
 def models_from_checkpoint(path, device):
     """Rebuild encoder and decoder from a checkpoint alone; returns (encoder, decoder, state)."""
     state = load_checkpoint(path)
-    encoder, decoder = build_models(state["args"], len(state["word_map"]), load_weights=False)
     try:
-        encoder.load_state_dict(state["encoder"])
-        decoder.load_state_dict(state["decoder"])
-    except RuntimeError as exc:
-        raise UserError(f"{path}: weights do not match the architecture its arguments describe "
-                        f"({str(exc).splitlines()[0]})") from None
+        encoder, decoder = build_models(state["args"], len(state["word_map"]), load_weights=False)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: its arguments do not describe a model this code builds "
+                        f"({exc.__class__.__name__}: {exc})") from None
+    load_model_weights(path, state, encoder, decoder)
     return encoder.to(device).eval(), decoder.to(device).eval(), state
+
+
+def load_model_weights(path, state, encoder, decoder):
+    """Load a checkpoint's weights; UserError naming the tensors that do not fit the modules."""
+    problems = []
+    for name, module in (("encoder", encoder), ("decoder", decoder)):
+        saved, expected = state[name], module.state_dict()
+        if not isinstance(saved, dict):
+            problems.append(f"{name} is not a state dict")
+            continue
+        problems += [f"{name}.{k} missing" for k in sorted(expected.keys() - saved.keys())]
+        problems += [f"{name}.{k} unexpected" for k in sorted(saved.keys() - expected.keys())]
+        problems += [f"{name}.{k} is {tuple(getattr(saved[k], 'shape', ()))}, the model's is "
+                     f"{tuple(expected[k].shape)}" for k in sorted(expected.keys() & saved.keys())
+                     if getattr(saved[k], "shape", None) != expected[k].shape]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise UserError(f"{path}: its weights do not fit the model its own arguments and word map "
+                        f"({len(state['word_map'])} words) describe: {shown}; the file was edited, or "
+                        "written by another version of train.py")
+    encoder.load_state_dict(state["encoder"])
+    decoder.load_state_dict(state["decoder"])
 
 
 def check_word_maps_match(checkpoint_word_map, data_folder, checkpoint_path):

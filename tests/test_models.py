@@ -1,0 +1,126 @@
+"""Shapes, attention, loss masking, gradients and checkpoints of the model, at tiny sizes."""
+import pytest
+import torch
+
+import train
+import utils
+from models import DecoderWithAttention, Encoder
+
+VOCAB = 20
+START, END, PAD = 18, 19, 0
+
+
+def tiny_decoder(encoder_dim=12, dropout=0.0):
+    torch.manual_seed(0)
+    return DecoderWithAttention(vocab_size=VOCAB, encoder_dim=encoder_dim, attention_dim=8, embed_dim=6,
+                                decoder_dim=10, dropout=dropout)
+
+
+def random_captions(lengths, max_len=9):
+    """<start> words <end> <pad>... rows for the given total lengths (start and end included)."""
+    g = torch.Generator().manual_seed(1)
+    caps = torch.full((len(lengths), max_len), PAD, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        caps[i, 0] = START
+        caps[i, 1:n - 1] = torch.randint(1, 18, (n - 2,), generator=g)
+        caps[i, n - 1] = END
+    return caps, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("arch,cut,dim", [("resnet18", "layer2", 128), ("resnet50", "layer4", 2048)])
+def test_encoder_output_shape(arch, cut, dim):
+    encoder = Encoder(arch=arch, encoded_size=3, pretrained=False, cut_after=cut)
+    out = encoder(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 9, dim) and encoder.encoder_dim == dim
+
+
+def test_encoder_fine_tuning_trains_blocks_2_to_4_only_when_pretrained():
+    # load_weights=False with pretrained=True: built as an ImageNet-initialised encoder, no download.
+    encoder = Encoder(arch="resnet18", pretrained=True, fine_tune=True, load_weights=False)
+    trainable = {name.split(".")[1] for name, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable == {"5", "6", "7"}  # layer2, layer3, layer4 in the Sequential
+    frozen = Encoder(arch="resnet18", pretrained=True, fine_tune=False, load_weights=False)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    scratch = Encoder(arch="resnet18", pretrained=False, fine_tune=True)
+    assert all(p.requires_grad for p in scratch.parameters())
+
+
+def test_frozen_encoder_keeps_batchnorm_statistics():
+    encoder = Encoder(arch="resnet18", pretrained=True, fine_tune=False, load_weights=False).train()
+    before = encoder.resnet[1].running_mean.clone()
+    encoder(torch.randn(4, 3, 64, 64) * 5 + 3)
+    assert torch.equal(before, encoder.resnet[1].running_mean)
+
+
+def test_attention_weights_sum_to_one_over_pixels():
+    decoder = tiny_decoder()
+    features = torch.randn(3, 7, 12)
+    _, alphas, decode_lengths = decoder(features, *random_captions([5, 9, 3]))
+    for i, n in enumerate(decode_lengths.tolist()):
+        torch.testing.assert_close(alphas[i, :n].sum(dim=1), torch.ones(n))
+        assert torch.all(alphas[i, n:] == 0)
+
+
+def test_decoder_shapes_and_batch_order():
+    decoder = tiny_decoder()
+    features = torch.randn(3, 7, 12)
+    captions, lengths = random_captions([5, 9, 3])
+    scores, alphas, decode_lengths = decoder(features, captions, lengths)
+    assert scores.shape == (3, 8, VOCAB) and alphas.shape == (3, 8, 7)
+    assert decode_lengths.tolist() == [4, 8, 2]
+    # The decoder sorts by length internally; rows must come back in the caller's order.
+    perm = torch.tensor([2, 0, 1])
+    scores_p, _, _ = decoder(features[perm], captions[perm], lengths[perm])
+    torch.testing.assert_close(scores_p, scores[perm])
+
+
+def test_pad_tokens_do_not_change_the_loss():
+    decoder = tiny_decoder()
+    features = torch.randn(3, 7, 12)
+    captions, lengths = random_captions([5, 9, 3])
+    loss, _, _ = train.caption_loss(*_forward(decoder, features, captions, lengths), alpha_c=1.0)
+    noisy = captions.clone()
+    for i, n in enumerate(lengths.tolist()):
+        noisy[i, n:] = torch.randint(1, 18, (captions.shape[1] - n,))
+    wider = torch.cat([noisy, torch.full((3, 4), PAD)], dim=1)
+    loss_noisy, _, _ = train.caption_loss(*_forward(decoder, features, wider, lengths), alpha_c=1.0)
+    torch.testing.assert_close(loss, loss_noisy)
+
+
+def _forward(decoder, features, captions, lengths):
+    scores, alphas, decode_lengths = decoder(features, captions, lengths)
+    return scores, captions, decode_lengths, alphas
+
+
+def test_every_trainable_parameter_gets_a_finite_gradient():
+    torch.manual_seed(0)
+    encoder = Encoder(arch="resnet18", encoded_size=4, pretrained=False, fine_tune=True, cut_after="layer2")
+    decoder = DecoderWithAttention(vocab_size=VOCAB, encoder_dim=encoder.encoder_dim, attention_dim=8,
+                                   embed_dim=6, decoder_dim=10, dropout=0.5)
+    captions, lengths = random_captions([5, 9, 3, 4])
+    scores, alphas, decode_lengths = decoder(encoder(torch.randn(4, 3, 32, 32)), captions, lengths)
+    loss, _, _ = train.caption_loss(scores, captions, decode_lengths, alphas, alpha_c=1.0)
+    loss.backward()
+    for name, p in list(encoder.named_parameters()) + list(decoder.named_parameters()):
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+    assert any(p.grad.abs().sum() > 0 for p in encoder.parameters())
+
+
+def test_checkpoint_round_trip_is_weights_only(tmp_path):
+    args = {"encoder_arch": "resnet18", "encoder_cut_after": "layer2", "encoded_size": 4, "attention_dim": 8,
+            "embed_dim": 6, "decoder_dim": 10, "dropout": 0.5, "pretrained": False, "encoder_weights": None,
+            "fine_tune_encoder": True}
+    word_map = {"<pad>": 0, "a": 1, "<unk>": 2, "<start>": 3, "<end>": 4}
+    encoder, decoder = utils.build_models(args, len(word_map))
+    path = tmp_path / "ckpt.pt"
+    utils.save_checkpoint(path, {"format_version": utils.CHECKPOINT_VERSION, "encoder": encoder.state_dict(),
+                                 "decoder": decoder.state_dict(), "args": args, "word_map": word_map,
+                                 "image_size": 32})
+    state = torch.load(path, weights_only=True)
+    assert state["word_map"] == word_map and state["args"] == args
+    encoder2, decoder2, _ = utils.models_from_checkpoint(path, torch.device("cpu"))
+    for a, b in zip(list(encoder.state_dict().values()) + list(decoder.state_dict().values()),
+                    list(encoder2.state_dict().values()) + list(decoder2.state_dict().values())):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind

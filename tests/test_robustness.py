@@ -1,0 +1,698 @@
+"""Bad inputs and interrupted runs (issue 5): nothing lost, nothing half-written, one clear line per error.
+
+Subprocesses only where the behaviour is about the process (exit codes, signals, stderr); elsewhere
+the scripts' main() runs in this process under utils.run_main, exactly as their __main__ blocks do.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import caption
+import create_input_files
+import eval as evaluate_script
+import make_shapes_dataset
+import train
+import utils
+
+REPO = Path(__file__).resolve().parents[1]
+# ResNet-18 cut after layer2 on 32x32 images: a 4x4 grid. Small enough for ~20 steps a second on one core;
+# on the CPU even where a GPU is present, so that runs in and out of this process match bit for bit.
+TINY32 = ["--encoder-arch", "resnet18", "--encoder-cut-after", "layer2", "--encoded-size", "4",
+          "--no-pretrained", "--fine-tune-encoder", "--attention-dim", "32", "--embed-dim", "16",
+          "--decoder-dim", "32", "--workers", "0", "--device", "cpu"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def run_script(module, argv, prog):
+    """main(argv) under utils.run_main, as `python prog.py argv` runs it.
+
+    Returns the exit message (a str, which Python prints to stderr with exit code 1) or None on success.
+    Any other exception propagates and fails the test: that would be a traceback for the user.
+    """
+    try:
+        utils.run_main(lambda: module.main([str(a) for a in argv]), prog)
+    except SystemExit as exc:
+        assert isinstance(exc.code, str), f"exit code {exc.code!r} instead of a message"
+        return exc.code
+    return None
+
+
+def assert_one_line_error(message, prog, *names):
+    """A `prog: error: ...` line that names every one of `names`."""
+    assert message is not None, "expected an error, the run succeeded"
+    assert message.startswith(f"{prog}: error: ") and "\n" not in message, message
+    for name in names:
+        assert str(name) in message, f"{name} not named in: {message}"
+
+
+def run_subprocess(script, *args, env=None, timeout=120):
+    """Run a repository script; returns the CompletedProcess with text output."""
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          env=env or ENV, timeout=timeout)
+
+
+def assert_process_error(result, *names):
+    """Non-zero exit, no traceback, and the last stderr line names every one of `names`."""
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert ": error: " in last, result.stderr
+    for name in names:
+        assert str(name) in last, f"{name} not named in: {last}"
+
+
+def write_karpathy(folder, entries):
+    """Karpathy-format JSON for `entries` [(filename, split, [raw captions])] in `folder`."""
+    images = [{"filepath": "", "filename": name, "imgid": i, "split": split,
+               "sentences": [{"raw": c} for c in captions]}
+              for i, (name, split, captions) in enumerate(entries)]
+    path = Path(folder) / "dataset.json"
+    path.write_text(json.dumps({"images": images}, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def pack_args(json_path, image_folder, out, *extra, size=32):
+    """create_input_files.py arguments for a small custom dataset."""
+    argv = ["--dataset", "coco", "--karpathy-json", json_path, "--image-folder", image_folder,
+            "--output-folder", out, "--image-size", size, "--workers", 0, "--min-word-freq", 1, *extra]
+    return [str(a) for a in argv]
+
+
+def solid(path, colour=(10, 200, 30), size=(20, 12)):
+    """Save a solid-colour RGB image; returns its path."""
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def weights(path):
+    """Encoder and decoder tensors of a checkpoint, by name."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {**{f"encoder.{k}": v for k, v in state["encoder"].items()},
+            **{f"decoder.{k}": v for k, v in state["decoder"].items()}}
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = weights(path_a), weights(path_b)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def wait_for(predicate, process, timeout=60.0):
+    """Poll `predicate` every few ms until it holds; fail if `process` ends first."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"process ended (code {process.returncode}) before the condition held: "
+                                 + process.stderr.read().decode()[-2000:])
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.002)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared tiny data
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    """40 shapes images (64x64 JPEGs) and their Karpathy JSON: 32 train, 4 val, 4 test."""
+    folder = tmp_path_factory.mktemp("raw")
+    make_shapes_dataset.main(["--output-folder", str(folder), "--num-images", "40", "--seed", "1",
+                              "--image-size", "64"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(raw, tmp_path_factory):
+    """`raw` packed at 32x32."""
+    out = tmp_path_factory.mktemp("data")
+    create_input_files.main(pack_args(raw / "dataset_shapes.json", raw, out) + ["--dataset", "shapes"])
+    return out
+
+
+def train_argv(data, out, *extra, epochs=1, batch=16):
+    argv = ["--data-folder", data, "--output-dir", out, "--epochs", epochs, "--batch-size", batch,
+            "--decoder-lr", "3e-3", "--encoder-lr", "1e-3", *TINY32, *extra]
+    return [str(a) for a in argv]
+
+
+@pytest.fixture(scope="module")
+def one_epoch(data, tmp_path_factory):
+    """A finished 1-epoch run on `data` (batch 16): its last.pt is an epoch-end checkpoint."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    train.main(train_argv(data, out))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing: bad image files
+
+
+def bad_files(folder):
+    """{kind: path} of one missing, one empty, one truncated and one not-an-image file."""
+    folder = Path(folder)
+    good = folder / "good.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(good)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(good.read_bytes()[:300])
+    (folder / "text.jpg").write_text("not an image at all\n")
+    return {"missing": folder / "missing.jpg", "empty": folder / "empty.jpg",
+            "truncated": folder / "truncated.jpg", "not_an_image": folder / "text.jpg"}
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "not_an_image"])
+def test_bad_image_stops_packing_with_one_line_naming_it(tmp_path, kind):
+    bad = bad_files(tmp_path)[kind]
+    solid(tmp_path / "ok.png")
+    json_path = write_karpathy(tmp_path, [("ok.png", "train", ["a green box"]),
+                                          (bad.name, "train", ["a bad file"])])
+    message = run_script(create_input_files, pack_args(json_path, tmp_path, tmp_path / "out"),
+                         "create_input_files.py")
+    assert_one_line_error(message, "create_input_files.py", bad, "--skip-bad-images")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_bad_image_error_from_the_command_line(tmp_path):
+    bad = bad_files(tmp_path)["truncated"]
+    for i in range(20):
+        solid(tmp_path / f"ok{i}.png")
+    entries = [(f"ok{i}.png", "train", ["a green box"]) for i in range(20)] + [(bad.name, "train", ["bad"])]
+    # Decoding in worker processes: the error still comes back as one line from the main process.
+    argv = pack_args(write_karpathy(tmp_path, entries), tmp_path, tmp_path / "out", "--workers", "2")
+    result = run_subprocess("create_input_files.py", *argv)
+    assert_process_error(result, bad)
+    assert result.returncode == 1 and not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_skip_bad_images_drops_them_and_their_captions_and_lists_them(tmp_path, capsys):
+    bad = bad_files(tmp_path)
+    entries = [(f"ok{i}.png", "train", [f"good caption {i}", "shared words"]) for i in range(3)]
+    entries += [(path.name, "train", [f"caption of {kind} zzz{kind}"]) for kind, path in bad.items()]
+    for i in range(3):
+        solid(tmp_path / f"ok{i}.png", colour=(i * 50, 0, 0))
+    out = tmp_path / "out"
+    manifest = create_input_files.main(pack_args(write_karpathy(tmp_path, entries), tmp_path, out,
+                                                 "--skip-bad-images", "--captions-per-image", "2"))
+    stdout = capsys.readouterr().out
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert on_disk["images"]["train"] == 3 and on_disk["dropped"]["bad_images"] == 4
+    assert sorted(on_disk["bad_images"]) == sorted(str(p) for p in bad.values())
+    assert "4 bad images" in stdout and all(str(p) in stdout for p in bad.values())
+    # Their captions are gone: no word only they used reaches the word map or the caption file.
+    word_map = json.loads((out / "word_map.json").read_text())
+    assert not [w for w in word_map if w.startswith("zzz")]
+    with h5py.File(out / "train.h5") as f:
+        assert f["images"].shape == (3, 3, 32, 32) and f["captions"].shape[0] == 3 * 2
+        assert [list(f["images"][i][:, 0, 0]) for i in range(3)] == [[0, 0, 0], [50, 0, 0], [100, 0, 0]]
+    meta = json.loads((out / "train_meta.json").read_text())["images"]
+    assert [Path(m["file"]).name for m in meta] == ["ok0.png", "ok1.png", "ok2.png"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing: image modes, EXIF orientation
+
+
+def mode_images(folder):
+    """{file name: expected RGB colour} for one solid image per awkward mode."""
+    folder = Path(folder)
+    expected = {}
+    Image.new("L", (30, 20), 100).save(folder / "l.png")
+    expected["l.png"] = (100, 100, 100)
+    Image.new("LA", (30, 20), (60, 255)).save(folder / "la_opaque.png")
+    expected["la_opaque.png"] = (60, 60, 60)
+    Image.new("LA", (30, 20), (60, 0)).save(folder / "la_clear.png")  # transparent: white background
+    expected["la_clear.png"] = (255, 255, 255)
+    palette = Image.new("P", (30, 20), 2)
+    palette.putpalette([0, 0, 0, 9, 9, 9, 200, 40, 70] + [0] * (256 * 3 - 9))
+    palette.save(folder / "p.png")
+    expected["p.png"] = (200, 40, 70)
+    palette.save(folder / "p.gif")
+    expected["p.gif"] = (200, 40, 70)
+    Image.new("RGBA", (30, 20), (0, 0, 255, 255)).save(folder / "rgba_opaque.png")
+    expected["rgba_opaque.png"] = (0, 0, 255)
+    Image.new("RGBA", (30, 20), (255, 0, 0, 128)).save(folder / "rgba_half.png")  # half red over white
+    expected["rgba_half.png"] = (255, 127, 127)
+    Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(folder / "cmyk.tif")  # pure red in CMYK
+    expected["cmyk.tif"] = (255, 0, 0)
+    Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(folder / "cmyk.jpg", quality=95)
+    expected["cmyk.jpg"] = (255, 0, 0)
+    sixteen = Image.fromarray(np.full((20, 30), 32896, dtype=np.uint16))  # 16-bit grey, 0x8080
+    assert sixteen.mode in ("I;16", "I")
+    sixteen.save(folder / "i16.png")
+    with Image.open(folder / "i16.png") as check:
+        assert check.mode in ("I;16", "I")  # what a 16-bit greyscale PNG opens as
+    expected["i16.png"] = (128, 128, 128)
+    return expected
+
+
+def exif_rotated_jpeg(path):
+    """A JPEG stored sideways (left half red, right half blue, 40x20) with EXIF orientation 6.
+
+    Orientation 6 means "rotate 90 degrees clockwise to display": upright, the image is 20 wide
+    and 40 tall, red on top and blue below.
+    """
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)  # (H, W, 3)
+    stored[:, :20] = (255, 0, 0)
+    stored[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    return path
+
+
+def test_every_image_mode_packs_to_the_right_pixels(tmp_path):
+    expected = mode_images(tmp_path)
+    exif_rotated_jpeg(tmp_path / "exif6.jpg")
+    names = sorted(expected) + ["exif6.jpg"]
+    json_path = write_karpathy(tmp_path, [(n, "train", [f"image {n}"]) for n in names])
+    out = tmp_path / "out"
+    create_input_files.main(pack_args(json_path, tmp_path, out))
+    with h5py.File(out / "train.h5") as f:
+        images = f["images"][:]  # (N, 3, 32, 32) in the order of the JSON
+    for name, pixels in zip(names, images):
+        if name == "exif6.jpg":
+            continue
+        mean = pixels.reshape(3, -1).mean(axis=1)
+        tolerance = 6 if name.endswith(".jpg") else 1
+        assert np.abs(mean - np.array(expected[name])).max() <= tolerance, (name, mean)
+    rotated = images[names.index("exif6.jpg")].astype(int)  # (3, S, S)
+    top, bottom = rotated[:, :12].reshape(3, -1).mean(axis=1), rotated[:, -12:].reshape(3, -1).mean(axis=1)
+    assert top[0] > 200 and top[2] < 50, f"top of the upright image should be red, is {top}"
+    assert bottom[2] > 200 and bottom[0] < 50, f"bottom of the upright image should be blue, is {bottom}"
+    left, right = rotated[:, :, :12].reshape(3, -1).mean(axis=1), rotated[:, :, -12:].reshape(3, -1).mean(axis=1)
+    assert np.abs(left - right).max() < 10  # no left/right split: it was rotated, not left as stored
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing: captions
+
+
+def test_tokenize_keeps_non_ascii_words_and_splits_cjk_into_characters():
+    tokenize = create_input_files.tokenize
+    assert tokenize("Un café TRÈS bon!") == ["un", "café", "très", "bon"]
+    assert tokenize("Don't  stop, naïve Zoë…") == ["don't", "stop", "naïve", "zoë"]
+    # Chinese and Japanese have no spaces: each ideograph or kana is one word.
+    assert tokenize("一只猫。") == ["一", "只", "猫"]
+    assert tokenize("a 黑色的猫 on 2 mats") == ["a", "黑", "色", "的", "猫", "on", "2", "mats"]
+    assert tokenize("ねこがいる") == ["ね", "こ", "が", "い", "る"]
+    assert tokenize("고양이 한 마리") == ["고양이", "한", "마리"]  # Korean is spaced: words stay whole
+    assert tokenize("...!!! -- ?") == [] and tokenize("") == [] and tokenize("   ") == []
+
+
+def test_empty_and_punctuation_captions_are_dropped_and_non_ascii_kept(tmp_path, capsys):
+    for i in range(4):
+        solid(tmp_path / f"im{i}.png", colour=(i * 60, 0, 0))
+    entries = [
+        ("im0.png", "train", ["a red square", "", "...!!!"]),
+        ("im1.png", "train", ["un café très bon", " -- ? "]),
+        ("im2.png", "train", ["一只猫"]),
+        ("im3.png", "train", ["", "!!", "。"]),  # no usable caption: the image is dropped
+    ]
+    out = tmp_path / "out"
+    manifest = create_input_files.main(pack_args(write_karpathy(tmp_path, entries), tmp_path, out,
+                                                 "--captions-per-image", "1"))
+    stdout = capsys.readouterr().out
+    assert manifest["dropped"]["empty_captions"] == 6 and manifest["dropped"]["images_without_captions"] == 1
+    assert "6 empty captions" in stdout and "1 images without captions" in stdout
+    assert manifest["images"]["train"] == 3
+    word_map = json.loads((out / "word_map.json").read_text(encoding="utf-8"))
+    assert {"café", "très", "一", "只", "猫"} <= word_map.keys()
+    rev = {v: k for k, v in word_map.items()}
+    with h5py.File(out / "train.h5") as f:
+        captions, lengths = f["captions"][:], f["lengths"][:]
+        first_pixels = f["images"][:, 0, 0, 0]
+    decoded = [[rev[t] for t in row[1:n - 1]] for row, n in zip(captions, lengths)]
+    assert decoded == [["a", "red", "square"], ["un", "café", "très", "bon"], ["一", "只", "猫"]]
+    assert list(first_pixels) == [0, 60, 120]  # im3 is not there
+    meta = json.loads((out / "train_meta.json").read_text())["images"]
+    assert [Path(m["file"]).name for m in meta] == ["im0.png", "im1.png", "im2.png"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing: killed part way
+
+
+def h5_contents(path):
+    """{dataset name: array} and attributes of an HDF5 file."""
+    with h5py.File(path) as f:
+        return {k: f[k][:] for k in f}, dict(f.attrs)
+
+
+def assert_same_packed_output(a, b):
+    names = sorted(p.name for p in a.iterdir() if not p.name.startswith("."))
+    assert names == sorted(p.name for p in b.iterdir() if not p.name.startswith("."))
+    for name in names:
+        if name.endswith(".h5"):
+            (data_a, attrs_a), (data_b, attrs_b) = h5_contents(a / name), h5_contents(b / name)
+            assert data_a.keys() == data_b.keys() and attrs_a == attrs_b
+            for key in data_a:
+                assert np.array_equal(data_a[key], data_b[key]), (name, key)
+        else:
+            assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
+
+
+def test_packing_killed_part_way_leaves_nothing_finished_and_reruns_identically(tmp_path):
+    # Large noisy PNGs decode slowly (tens of ms each), so the run is surely killed in the middle.
+    big = tmp_path / "images" / "big0.png"
+    big.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (900, 900, 3), dtype=np.uint8)).save(big)
+    entries = []
+    for i in range(48):
+        if i:
+            os.link(big, big.with_name(f"big{i}.png"))
+        entries.append((f"images/big{i}.png", ["train", "val", "test"][i % 3], [f"picture number {i % 5}"]))
+    json_path = write_karpathy(tmp_path, entries)
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    argv = pack_args(json_path, tmp_path, out)
+
+    process = subprocess.Popen([sys.executable, "create_input_files.py", *map(str, argv)], cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: (out / ".test.h5.partial").exists(), process)
+    time.sleep(0.3)  # a few images into the run
+    process.kill()
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert (out / ".train.h5.partial").exists() and not (out / "manifest.json").exists()
+
+    message = run_script(train, train_argv(out, tmp_path / "run"), "train.py")
+    assert_one_line_error(message, "train.py", out, "manifest.json", "create_input_files.py")
+
+    create_input_files.main(argv)  # the same command again, into the same folder
+    create_input_files.main(pack_args(json_path, tmp_path, reference))
+    assert_same_packed_output(out, reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: resume, kills and signals
+
+
+def test_resume_from_an_epoch_end_checkpoint_reproduces_the_straight_run(data, one_epoch, tmp_path):
+    straight = tmp_path / "straight"
+    train.main(train_argv(data, straight, epochs=2))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "last.pt").write_bytes((one_epoch / "last.pt").read_bytes())
+    state = torch.load(resumed / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["samples_done"] == 0 and "rng" in state
+    train.main(train_argv(data, resumed, "--resume", resumed / "last.pt", epochs=2))
+    assert torch.load(resumed / "last.pt", weights_only=True)["epoch"] == 2
+    assert_same_weights(straight / "last.pt", resumed / "last.pt")
+
+
+def test_sigkill_mid_epoch_then_resume_loses_only_the_steps_since_the_checkpoint(data, tmp_path):
+    argv = train_argv(data, tmp_path / "killed", "--save-every", "3", batch=4)  # 40 steps an epoch
+    last = tmp_path / "killed" / "last.pt"
+    process = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(last.exists, process)
+    process.kill()
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    state = torch.load(last, weights_only=True)  # whole, since it is written by rename
+    assert state["epoch"] == 0 and 0 < state["samples_done"] < 160 and state["samples_done"] % 12 == 0
+    assert not (tmp_path / "killed" / "metrics.csv").exists()  # the epoch never finished
+
+    train.main(argv + ["--resume", str(last)])
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    # The same run without the kill: identical weights, so the resumed run redid exactly the steps
+    # after the checkpoint, with the same batches and the same dropout masks.
+    train.main(train_argv(data, tmp_path / "straight", "--save-every", "3", batch=4))
+    assert_same_weights(tmp_path / "straight" / "last.pt", last)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_save_a_checkpoint_before_exiting(data, tmp_path, signum):
+    out = tmp_path / "run"
+    argv = train_argv(data, out, "--save-every", "1000", epochs=3, batch=4)
+    process = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # args.json is written right before the first step, once the signal handlers are in place.
+    wait_for(lambda: (out / "args.json").exists(), process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    stderr = stderr.decode()
+    assert process.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr and f"stopped by signal {int(signum)}" in stderr
+    state = utils.load_checkpoint(out / "last.pt")
+    assert state["samples_done"] > 0 and state["samples_done"] % 4 == 0
+    assert state["epoch"] < 3
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    utils.save_checkpoint(path, {"format_version": 1, "weights": torch.ones(3)})
+    before = path.read_bytes()
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(utils.torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        utils.save_checkpoint(path, {"format_version": 1, "weights": torch.zeros(3)})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left
+
+    def replace_fails(src, dst):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(utils.os, "replace", replace_fails)
+    with pytest.raises(OSError):
+        utils.save_checkpoint(path, {"format_version": 1, "weights": torch.zeros(3)})
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: NaN / inf
+
+
+def poison_training_loss(monkeypatch, poison, first, last=None):
+    """Make train.caption_loss apply `poison` to its loss in training steps `first` to `last`
+    (counted from 1 over the whole run; validation, which runs without gradients, is not counted)."""
+    real = train.caption_loss
+    count = {"n": 0}
+
+    def patched(*args, **kwargs):
+        loss, scores, targets = real(*args, **kwargs)
+        if torch.is_grad_enabled():
+            count["n"] += 1
+            if first <= count["n"] <= (last or count["n"]):
+                loss = poison(loss)
+        return loss, scores, targets
+
+    monkeypatch.setattr(train, "caption_loss", patched)
+
+
+class InfGradient(torch.autograd.Function):
+    """Identity forward; backward sends an infinite gradient (an overflow)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def assert_finite_checkpoint(path):
+    assert all(torch.isfinite(v).all() for v in weights(path).values() if v.is_floating_point())
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    # 10 training steps an epoch: the 13th is epoch 1, step 2.
+    poison_training_loss(monkeypatch, lambda loss: loss * float("nan"), 13)
+    message = run_script(train, train_argv(data, out, epochs=3), "train.py")
+    assert_one_line_error(message, "train.py", "epoch 1, step 2", out / "last.pt", "nan")
+    state = utils.load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 1  # the epoch-end checkpoint, untouched
+    assert_finite_checkpoint(out / "last.pt")
+
+
+def test_inf_gradient_stops_instead_of_being_clipped_into_the_weights(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    poison_training_loss(monkeypatch, InfGradient.apply, 3)  # epoch 0, step 2
+    message = run_script(train, train_argv(data, out, "--save-every", "1"), "train.py")
+    assert_one_line_error(message, "train.py", "gradient", "epoch 0, step 2", out / "last.pt")
+    assert utils.load_checkpoint(out / "last.pt")["samples_done"] == 2 * 16
+    assert_finite_checkpoint(out / "last.pt")
+
+
+def test_fp16_skipped_step_is_not_an_error(data, tmp_path, monkeypatch):
+    # fp16 autocast and GradScaler work on the CPU in this torch: an overflowing gradient makes the
+    # scaler skip that step and halve its scale, and training goes on.
+    out = tmp_path / "run"
+    poison_training_loss(monkeypatch, InfGradient.apply, 2, 2)
+    assert train.main(train_argv(data, out, "--amp", "fp16"))  # finishes
+    state = utils.load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 1 and state["scaler"]["scale"] < 65536.0
+    assert_finite_checkpoint(out / "last.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume with other arguments
+
+
+def test_resume_with_other_architecture_arguments_names_them(data, one_epoch, tmp_path):
+    argv = train_argv(data, tmp_path / "run", "--resume", one_epoch / "last.pt", epochs=2)
+    argv[argv.index("--decoder-dim") + 1] = "48"
+    argv[argv.index("--encoder-cut-after") + 1] = "layer3"
+    message = run_script(train, argv, "train.py")
+    assert_one_line_error(message, "train.py", one_epoch / "last.pt", "--decoder-dim 32 (checkpoint) vs 48",
+                          "--encoder-cut-after layer2 (checkpoint) vs layer3")
+    assert "--embed-dim" not in message and "--attention-dim" not in message
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained weights with no network
+
+
+def test_pretrained_weights_offline_say_what_to_pass(data, tmp_path):
+    # The download must fail here, whether or not this machine has a network: an empty TORCH_HOME
+    # (no cached weights) and a proxy on a closed local port.
+    env = {**ENV, "TORCH_HOME": str(tmp_path / "torch_home"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
+    argv = [a for a in train_argv(data, tmp_path / "run") if a != "--no-pretrained"] + ["--pretrained"]
+    result = run_subprocess("train.py", *argv, env=env)  # resnet18: a download of 45 MB, if it could
+    assert_process_error(result, "--no-pretrained", "--encoder-weights", "resnet18")
+    assert result.returncode == 1
+    assert not list((tmp_path / "torch_home").rglob("*.pth"))
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.py and caption.py: checkpoints, data folders and images that do not fit
+
+
+@pytest.fixture(scope="module")
+def misfits(data, one_epoch, tmp_path_factory):
+    """Files eval.py and caption.py must refuse, by name."""
+    folder = tmp_path_factory.mktemp("misfits")
+    good = utils.load_checkpoint(one_epoch / "last.pt")
+    files = {}
+
+    # Weights of another vocabulary than the word map stored beside them.
+    state = dict(good, word_map={**good["word_map"], "zebra": len(good["word_map"])})
+    files["other_vocabulary"] = folder / "other_vocabulary.pt"
+    utils.save_checkpoint(files["other_vocabulary"], state)
+    # Weights of another architecture than the arguments stored beside them.
+    state = dict(good, args={**good["args"], "decoder_dim": 48})
+    files["other_architecture"] = folder / "other_architecture.pt"
+    utils.save_checkpoint(files["other_architecture"], state)
+    # Not checkpoints at all.
+    files["random_bytes"] = folder / "random.pt"
+    files["random_bytes"].write_bytes(np.random.default_rng(0).bytes(4096))
+    files["json"] = folder / "config.pt"
+    files["json"].write_text(json.dumps({"encoder": 1, "decoder": 2}))
+    files["empty"] = folder / "empty.pt"
+    files["empty"].write_bytes(b"")
+    files["state_dict_only"] = folder / "state_dict_only.pt"
+    torch.save(good["decoder"], files["state_dict_only"])
+    files["missing"] = folder / "missing.pt"
+    # A whole pickled model, as the original tutorial saved them: never unpickled.
+    files["pickled_module"] = folder / "pickled_module.pt"
+    torch.save({"format_version": 1, "encoder": torch.nn.Linear(2, 2), "decoder": {}, "args": {},
+                "word_map": {}}, files["pickled_module"])
+    # Arguments that name no model this code builds.
+    state = dict(good, args={**good["args"], "encoder_arch": "vgg16"})
+    files["unknown_architecture"] = folder / "unknown_architecture.pt"
+    utils.save_checkpoint(files["unknown_architecture"], state)
+    # A valid checkpoint trained on another word map than the data folder's.
+    state = dict(good, word_map={k if k.startswith("<") else k + "x": v for k, v in good["word_map"].items()})
+    files["other_word_map"] = folder / "other_word_map.pt"
+    utils.save_checkpoint(files["other_word_map"], state)
+    return files
+
+
+@pytest.mark.parametrize("kind", ["other_vocabulary", "other_architecture", "unknown_architecture", "random_bytes",
+                                  "json", "empty", "state_dict_only", "pickled_module", "missing"])
+@pytest.mark.parametrize("script", ["eval", "caption"])
+def test_eval_and_caption_refuse_a_bad_checkpoint_in_one_line(script, kind, misfits, raw, data, tmp_path):
+    path = misfits[kind]
+    if script == "eval":
+        argv = ["--checkpoint", path, "--data-folder", data, "--workers", "0", "--no-coco-metrics",
+                "--output-dir", tmp_path]
+        module = evaluate_script
+    else:
+        argv = ["--checkpoint", path, "--img", raw / "images" / "shapes_000000.jpg"]
+        module = caption
+    message = run_script(module, argv, f"{script}.py")
+    assert_one_line_error(message, f"{script}.py", path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_eval_refuses_a_data_folder_from_another_word_map(misfits, data, tmp_path):
+    message = run_script(evaluate_script, ["--checkpoint", misfits["other_word_map"], "--data-folder", data,
+                                           "--workers", "0", "--output-dir", tmp_path], "eval.py")
+    assert_one_line_error(message, "eval.py", data / "word_map.json", misfits["other_word_map"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_eval_refuses_an_unfinished_data_folder(one_epoch, data, tmp_path):
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    for name in ("word_map.json", "test.h5"):
+        (unfinished / name).write_bytes((data / name).read_bytes())
+    message = run_script(evaluate_script, ["--checkpoint", one_epoch / "last.pt", "--data-folder", unfinished,
+                                           "--workers", "0", "--output-dir", tmp_path / "eval"], "eval.py")
+    assert_one_line_error(message, "eval.py", unfinished, "manifest.json")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = run_script(evaluate_script, ["--checkpoint", one_epoch / "last.pt", "--data-folder", empty,
+                                           "--workers", "0", "--output-dir", tmp_path / "eval"], "eval.py")
+    assert_one_line_error(message, "eval.py", empty, "manifest.json")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_caption_refuses_unreadable_images_and_empty_folders(one_epoch, tmp_path):
+    (tmp_path / "bad").mkdir()
+    bad = bad_files(tmp_path / "bad")
+    checkpoint = one_epoch / "last.pt"
+    for kind in ("empty", "truncated", "not_an_image", "missing"):
+        message = run_script(caption, ["--img", bad[kind], "--checkpoint", checkpoint], "caption.py")
+        assert_one_line_error(message, "caption.py", bad[kind])
+    empty_folder = tmp_path / "no_images"
+    empty_folder.mkdir()
+    (empty_folder / "notes.txt").write_text("no pictures here")
+    message = run_script(caption, ["--img", empty_folder, "--checkpoint", checkpoint], "caption.py")
+    assert_one_line_error(message, "caption.py", empty_folder, "no images")
+
+
+def test_eval_and_caption_errors_from_the_command_line(misfits, data, raw, tmp_path):
+    result = run_subprocess("eval.py", "--checkpoint", misfits["json"], "--data-folder", data, "--workers", "0",
+                            "--output-dir", tmp_path)
+    assert_process_error(result, misfits["json"], "not a checkpoint")
+    result = run_subprocess("caption.py", "--img", tmp_path, "--checkpoint", misfits["other_vocabulary"])
+    assert_process_error(result, tmp_path, "no images")
+
+
+def test_ctrl_c_outside_the_training_loop_exits_130_in_one_line(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_main(interrupted, "create_input_files.py")
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "create_input_files.py: interrupted\n"
