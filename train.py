@@ -376,6 +376,9 @@ def _train(args, rank, world_size, device):
     word_map = read_word_map(args.data_folder)
     train_set = CaptionDataset(args.data_folder, "train")
     val_set = CaptionDataset(args.data_folder, "val")
+    if len(val_set) < world_size:  # a process with nothing to validate would leave the others waiting
+        raise UserError(f"{args.data_folder}: the val split has {len(val_set)} images, fewer than the "
+                        f"{world_size} processes; each process needs at least one")
     max_steps = train_set.manifest["max_len"] + 1  # every word and <end>
 
     state = None
