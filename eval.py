@@ -148,6 +148,7 @@ def main(argv=None):
     check_word_maps_match(state["word_map"], args.data_folder, args.checkpoint)
     if device.type == "cuda":
         encoder.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # packed images have one size: cuDNN picks its fastest kernels
     metrics, captions = evaluate(encoder, decoder, state["word_map"], args.data_folder, args.split,
                                  args.beam_size, args.max_steps, args.batch_size, device, args.workers,
                                  args.coco_metrics, args.seed)

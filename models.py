@@ -140,20 +140,23 @@ class Attention(nn.Module):
         return self.encoder_att(encoder_out)
 
     def forward(self, encoder_out, encoder_proj, decoder_hidden):
-        """One attention step.
+        """One attention step for K hidden states per image (K = 1 in training, the beams in beam search).
 
         Args:
             encoder_out: (N, P, E) float, encoder features.
             encoder_proj: (N, P, A) float, `project_encoder(encoder_out)`.
-            decoder_hidden: (N, D) float, the previous hidden state.
+            decoder_hidden: (N*K, D) float, the previous hidden states, the K of an image consecutive.
         Returns:
-            context (N, E) float, the attention-weighted encoding, and alpha (N, P), summing to 1.
+            context (N*K, E) float, the attention-weighted encoding, and alpha (N*K, P), summing to 1.
         """
-        hidden_proj = self.decoder_att(decoder_hidden).unsqueeze(1)  # (N, 1, A)
-        scores = self.full_att(F.relu(encoder_proj + hidden_proj)).squeeze(2)  # (N, P)
-        alpha = scores.softmax(dim=1)  # (N, P)
-        context = torch.bmm(alpha.unsqueeze(1), encoder_out).squeeze(1)  # (N, E)
-        return context, alpha
+        n, num_pixels, encoder_dim = encoder_out.shape
+        hidden_proj = self.decoder_att(decoder_hidden).view(n, -1, 1, encoder_proj.shape[2])  # (N, K, 1, A)
+        # The beams of an image broadcast against its one projection instead of K copies of it. The
+        # sum is the step's largest tensor, so relu works in place rather than allocating another.
+        scores = self.full_att((encoder_proj.unsqueeze(1) + hidden_proj).relu_()).squeeze(3)  # (N, K, P)
+        alpha = scores.softmax(dim=2)  # (N, K, P)
+        context = torch.bmm(alpha, encoder_out)  # (N, K, E)
+        return context.view(-1, encoder_dim), alpha.view(-1, num_pixels)  # (N*K, E), (N*K, P)
 
 
 class DecoderWithAttention(nn.Module):
@@ -192,10 +195,11 @@ class DecoderWithAttention(nn.Module):
         return self.init_h(mean_encoding), self.init_c(mean_encoding)
 
     def step(self, encoder_out, encoder_proj, embedded, h, c):
-        """One LSTM step on the previous word's embedding (N, M) -> new h, c (N, D) and alpha (N, P)."""
-        context, alpha = self.attention(encoder_out, encoder_proj, h)  # (N, E), (N, P)
-        gate = torch.sigmoid(self.f_beta(h))  # (N, E)
-        h, c = self.lstm(torch.cat([embedded, gate * context], dim=1), (h, c))  # (N, D) each
+        """One LSTM step on the previous words' embeddings (N*K, M) -> new h, c (N*K, D) and alpha
+        (N*K, P), with K hidden states per image of encoder_out (N, P, E) (see Attention.forward)."""
+        context, alpha = self.attention(encoder_out, encoder_proj, h)  # (N*K, E), (N*K, P)
+        gate = torch.sigmoid(self.f_beta(h))  # (N*K, E)
+        h, c = self.lstm(torch.cat([embedded, gate * context], dim=1), (h, c))  # (N*K, D) each
         return h, c, alpha
 
     def forward(self, encoder_out, captions, caption_lengths):
@@ -226,26 +230,34 @@ class DecoderWithAttention(nn.Module):
 
         hiddens = encoder_out.new_zeros(batch_size, max_steps, h.shape[1])  # (B, T, D)
         alphas = encoder_out.new_zeros(batch_size, max_steps, num_pixels)  # (B, T, P)
+        active_out, active_proj = encoder_out, encoder_proj  # rows of the captions still going
         for t, n in enumerate(active_per_step):
-            h, c, alpha = self.step(encoder_out[:n], encoder_proj[:n], embeddings[:n, t], h[:n], c[:n])
+            # Slice only when captions end: the backward of every slice of these big tensors writes
+            # a zero-filled gradient of the whole, and the first steps all run the whole batch.
+            if n < active_out.shape[0]:
+                active_out, active_proj = active_out[:n], active_proj[:n]  # (n, P, E), (n, P, A)
+            h, c, alpha = self.step(active_out, active_proj, embeddings[:n, t], h[:n], c[:n])
             hiddens[:n, t] = h
             alphas[:n, t] = alpha
 
-        # The output layer has no recurrence: one matmul over all steps instead of one per step.
+        # The output layer has no recurrence: one matmul over the real steps of all captions instead
+        # of one per step, and none over padding (in a batch with one long caption, most of (B, T)).
         steps = torch.arange(max_steps, device=captions.device)
-        valid = (steps.unsqueeze(0) < decode_lengths_sorted.unsqueeze(1)).unsqueeze(2)  # (B, T, 1)
-        scores = self.fc(self.dropout(hiddens)) * valid  # (B, T, V)
+        valid = steps.unsqueeze(0) < decode_lengths_sorted.unsqueeze(1)  # (B, T)
+        scores = hiddens.new_zeros(batch_size, max_steps, self.vocab_size)  # (B, T, V)
+        scores[valid] = self.fc(self.dropout(hiddens)[valid])  # (N, V), N real steps
 
         unsort = order.argsort()
         return scores[unsort], alphas[unsort], decode_lengths
 
     def _decode_setup(self, encoder_out, beam_size):
-        """Shared start of greedy and beam decoding: projections once per image, states per beam."""
+        """Shared start of greedy and beam decoding: projections once per image, states per beam.
+
+        The features and their projection stay one per image (B, P, .): every beam of an image reads
+        them through broadcasting in Attention.forward, never through K copies.
+        """
         encoder_proj = self.attention.project_encoder(encoder_out)  # (B, P, A)
         h, c = self.init_hidden_state(encoder_out)  # (B, D) each
-        # Every beam of an image reads the same features: repeat rows, not the projection work.
-        encoder_out = encoder_out.repeat_interleave(beam_size, dim=0)  # (B*K, P, E)
-        encoder_proj = encoder_proj.repeat_interleave(beam_size, dim=0)  # (B*K, P, A)
         h = h.repeat_interleave(beam_size, dim=0)  # (B*K, D)
         c = c.repeat_interleave(beam_size, dim=0)  # (B*K, D)
         return encoder_out, encoder_proj, h, c
@@ -293,9 +305,8 @@ class DecoderWithAttention(nn.Module):
             log_probs = F.log_softmax(self.fc(h), dim=1).view(batch_size, k, -1)  # (B, K, V)
             vocab_size = log_probs.shape[2]
             # A finished beam extends only by one dummy <end> that leaves its score unchanged.
-            frozen = torch.full_like(log_probs, -math.inf)
-            frozen[:, :, end_token] = 0.0
-            log_probs = torch.where(finished.unsqueeze(2), frozen, log_probs)
+            log_probs.masked_fill_(finished.unsqueeze(2), -math.inf)
+            log_probs[:, :, end_token].masked_fill_(finished, 0.0)
             candidates = (beam_scores.unsqueeze(2) + log_probs).view(batch_size, -1)  # (B, K*V)
             beam_scores, flat_index = candidates.topk(k, dim=1)  # (B, K)
             parent = flat_index // vocab_size  # (B, K)

@@ -1,0 +1,688 @@
+"""Measure packing, training and decoding speed on this machine; print a markdown table, write JSON.
+
+    python bench.py --quick                       # about 3 minutes on 2 CPU cores
+    python bench.py                               # more images, steps and repeats
+    python bench.py --device cuda --amp bf16
+
+Every figure is the median of --repeats timed runs (after an untimed warm-up, except for --quick's
+training steps), with random weights, which take as long as trained ones. What runs:
+  1. packing: create_input_files.py's decode_images (Pillow draft mode, --workers 2) on generated
+     640x480 JPEGs resized to 256, against `baseline_plain_open_resize` (one process, full decode);
+  2. training: the real train.train_one_epoch at batch 32 with the default model (ResNet-101, 14x14,
+     512/512/512, --no-pretrained), frozen and fine-tuned, fed by the real CaptionDataset and
+     DataLoader (--workers 2) over a set packed here at 256x256; hooks on the modules split each step;
+  3. decoding: DecoderWithAttention.beam_search from features (the encoder is not timed) at beam
+     1, 3 and 5, 64 images per call against one image per call, for a fixed number of steps;
+  4. the decoder's precomputed attention projection against `StepLoopProjectionDecoder`, the same
+     model written with the projection and the output layer inside the step loop (forward+backward);
+  5. peak memory of each: the RSS high-water mark of the process on CPU (Linux VmHWM, reset at the
+     start of each measured run; it includes Python, torch and the model, not worker processes);
+     torch.cuda.max_memory_allocated on CUDA.
+Each section runs in a fresh Python process, so one section's memory does not count in another's.
+The table is printed as markdown; everything, with the machine, goes to runs/bench_<device>[_quick].json.
+"""
+
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader
+
+import create_input_files
+import train
+from datasets import CaptionDataset
+from models import DecoderWithAttention
+from utils import build_models
+
+VOCAB = 10000  # COCO's word map at --min-word-freq 5 has about 9,500 words
+START, END = VOCAB - 2, VOCAB - 1  # create_input_files.py puts <start> and <end> last
+MAX_LEN = 50  # create_input_files.py's default: captions are padded to MAX_LEN + 2 tokens
+BATCH_SIZE = 32
+DECODE_BATCH = 64
+PACK_SIZE = 256
+# --quick skips the training warm-up step (the median of 3 leaves out one slow first step).
+QUICK = {"pack_images": 160, "train_images": 48, "train_warmup_steps": 0, "decode_steps": 8, "single_images": 4,
+         "repeats": 3}
+FULL = {"pack_images": 400, "train_images": 96, "train_warmup_steps": 1, "decode_steps": 20, "single_images": 8,
+        "repeats": 5}
+
+
+def parse_args(argv=None):
+    """Command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer images, steps and repeats: about 3 minutes on 2 CPU cores")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per figure, at least 3 (default 3 with --quick, else 5)")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                        help="mixed precision for the training section on CUDA, as train.py --amp (default none)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where the results go as JSON (default runs/bench_<device>[_quick].json)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one section
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 3:
+        parser.error("--repeats must be at least 3 (every figure is a median)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: JPEGs, caption lengths, a packed training set
+
+
+def caption_word_counts(rng, n):
+    """COCO-like caption lengths in words: 8 + Poisson(3), at most 20 (mean about 11)."""
+    return np.minimum(8 + rng.poisson(3.0, size=n), 20)
+
+
+def make_jpegs(folder, count, seed=0):
+    """`count` 640x480 JPEGs at quality 90: a colour gradient, Gaussian noise (sigma 40) and six
+    filled shapes. The noise makes the files about as large as COCO's (~160 KB on average), so
+    entropy decoding costs what it costs on photographs. Returns the paths."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:480, 0:640]
+    paths = []
+    for i in range(count):
+        c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        gradient = c0 * (xx / 640)[..., None] + c1 * (1 - xx / 640)[..., None] * (yy / 480)[..., None]
+        pixels = np.clip(gradient + rng.normal(0, 40, (480, 640, 3)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x, y, s = int(rng.integers(0, 560)), int(rng.integers(0, 400)), int(rng.integers(30, 200))
+            box, fill = [x, y, x + s, y + s], tuple(int(v) for v in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        path = folder / f"img_{i:04d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def pack_training_set(image_paths, output_folder, seed=0):
+    """Pack the JPEGs at 256x256 with create_input_files.py, five random captions each (words from a
+    VOCAB - 4 word list, COCO-like lengths), all in the training split."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i, path in enumerate(image_paths):
+        sentences = [{"tokens": [f"w{w}" for w in rng.integers(0, VOCAB - 4, n)]}
+                     for n in caption_word_counts(rng, 5)]
+        images.append({"filepath": "", "filename": path.name, "split": "train", "imgid": i, "sentences": sentences})
+    karpathy = output_folder.parent / "bench_captions.json"
+    karpathy.write_text(json.dumps({"images": images}))
+    create_input_files.main(["--dataset", "coco", "--karpathy-json", str(karpathy),
+                             "--image-folder", str(image_paths[0].parent), "--output-folder", str(output_folder),
+                             "--image-size", str(PACK_SIZE), "--min-word-freq", "1", "--workers", "2"])
+
+
+def random_captions(rng, batch_size, device):
+    """(B, MAX_LEN + 2) long captions `<start> words <end> <pad>...` and their (B,) lengths."""
+    words = caption_word_counts(rng, batch_size)
+    captions = torch.zeros(batch_size, MAX_LEN + 2, dtype=torch.long)
+    for i, n in enumerate(words):
+        captions[i, 0] = START
+        captions[i, 1:n + 1] = torch.from_numpy(rng.integers(1, VOCAB - 4, n))
+        captions[i, n + 1] = END
+    return captions.to(device), torch.from_numpy(words + 2).to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def clock(device):
+    """Seconds, after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class PeakMemory:
+    """Peak memory of a `with` block, in MiB.
+
+    CPU: the process's resident set high-water mark (VmHWM), reset at the block's start through
+    /proc/self/clear_refs, so it is the peak within the block (Python, torch and the model
+    included). Freed heap memory is first handed back to the OS (glibc's malloc_trim), so that
+    what an earlier block freed but the allocator kept does not count. Where that is not
+    available, ru_maxrss: the peak since the process started.
+    CUDA: torch.cuda.max_memory_allocated, reset at the block's start.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.mib = None
+
+    @staticmethod
+    def method(device):
+        """How the figure is measured, in words."""
+        if device.type == "cuda":
+            return "torch.cuda.max_memory_allocated"
+        if _can_reset_rss_peak():
+            return "process peak RSS during the run (VmHWM reset at its start)"
+        return "process peak RSS since it started (ru_maxrss)"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif _can_reset_rss_peak():
+            gc.collect()
+            _malloc_trim()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif _can_reset_rss_peak():
+            with open("/proc/self/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+            self.mib = kib / 1024
+        else:
+            kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+            self.mib = kib / 1024
+        return False
+
+
+def _can_reset_rss_peak():
+    return os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)
+
+
+def _malloc_trim():
+    """Return freed heap memory to the OS (glibc only; elsewhere nothing happens)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def current_rss_mib():
+    """The process's resident set now, in MiB (None where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Packing
+
+
+def baseline_plain_open_resize(path, size):
+    """BASELINE for bench.py only: decode the whole JPEG and resize it, in one process, no draft mode."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+
+
+def section_packing(spec):
+    """Images/s of the plain loop and of create_input_files.decode_images, interleaved run by run."""
+    device = torch.device("cpu")
+    paths = [Path(p) for p in spec["paths"]]
+    records = [{"path": p} for p in paths]
+    workers = spec["workers"]
+
+    def plain():
+        return [baseline_plain_open_resize(p, PACK_SIZE) for p in paths]
+
+    def real():
+        out = [None] * len(records)
+        for index, pixels, error in create_input_files.decode_images(records, PACK_SIZE, workers):
+            if error is not None:
+                raise RuntimeError(error)
+            out[index] = pixels
+        return out
+
+    plain(), real()  # warm-up: the files into the page cache, the modules into memory
+    times = {"plain": [], "real": []}
+    peaks = {"plain": [], "real": []}
+    outputs = {}
+    for _ in range(spec["repeats"]):
+        for name, fn in (("plain", plain), ("real", real)):
+            with PeakMemory(device) as memory:
+                start = time.perf_counter()
+                outputs[name] = fn()
+                times[name].append(time.perf_counter() - start)
+            peaks[name].append(memory.mib)
+    difference = np.mean([np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()
+                          for a, b in zip(outputs["plain"], outputs["real"])])
+    sizes_kb = [p.stat().st_size / 1024 for p in paths]
+    result = {"images": len(paths), "mean_file_kb": float(np.mean(sizes_kb)), "workers": workers,
+              "mean_abs_pixel_difference": float(difference)}
+    for name in ("plain", "real"):
+        result[name] = {"images_per_s": len(paths) / median(times[name]), "seconds": times[name],
+                        "peak_memory_mib": max(peaks[name])}
+    result["speedup"] = result["real"]["images_per_s"] / result["plain"]["images_per_s"]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Training
+
+
+class StepTimer:
+    """Times the parts of every step of the real train.train_one_epoch from hooks on its modules,
+    parameters and loader, so that the loop itself runs unchanged.
+
+    On CUDA the marks are CUDA events, so timing adds no host synchronisation inside the step; the
+    step's end waits for the device once (train_one_epoch's loss.item() does so anyway). Waiting
+    for the loader is host time. The copy to the device and zero_grad fall between the parts and
+    count in the step's total only.
+    """
+
+    def __init__(self, device, encoder, decoder, params):
+        self.device = device
+        self.marks = {}
+        self.steps = []
+        self.step_start = self.data_time = None
+        encoder.register_forward_pre_hook(lambda *_: self.mark("encoder_start"))
+        encoder.register_forward_hook(self._encoder_done)
+        decoder.register_forward_pre_hook(lambda *_: self.mark("decoder_start"))
+        for p in params:  # the last gradient accumulated ends the backward pass
+            p.register_post_accumulate_grad_hook(lambda _p: self.mark("backward_end"))
+
+    def mark(self, name):
+        if self.device.type == "cuda":
+            self.marks[name] = torch.cuda.Event(enable_timing=True)
+            self.marks[name].record()
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def _between(self, start, end):
+        if self.device.type == "cuda":
+            return self.marks[start].elapsed_time(self.marks[end]) / 1000
+        return self.marks[end] - self.marks[start]
+
+    def _encoder_done(self, _module, _inputs, features):
+        self.mark("encoder_end")
+        if features.requires_grad:  # fine-tuned: the gradient reaching the features ends the decoder's backward
+            features.register_hook(lambda grad: self.mark("encoder_backward_start"))
+
+    def loader(self, loader, steps):
+        """Yield `steps` batches of `loader`, timing how long each was waited for."""
+        iterator = iter(loader)
+        for _ in range(steps):
+            self.marks = {}
+            self.step_start = time.perf_counter()
+            batch = next(iterator)
+            self.data_time = time.perf_counter() - self.step_start
+            yield batch
+
+    def on_step(self, _samples_done):
+        self.mark("step_end")
+        end = clock(self.device)
+        decoder_end = "encoder_backward_start" if "encoder_backward_start" in self.marks else "backward_end"
+        self.steps.append({
+            "data": self.data_time,
+            "encoder_forward": self._between("encoder_start", "encoder_end"),
+            "decoder_forward_backward": self._between("decoder_start", decoder_end),
+            "encoder_backward": self._between(decoder_end, "backward_end"),
+            "optimiser": self._between("backward_end", "step_end"),
+            "step": end - self.step_start,
+        })
+
+
+def section_training(spec):
+    """Captions/s of train.train_one_epoch with the default model, split into its parts."""
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    argv = ["--data-folder", spec["data_folder"], "--no-pretrained", "--batch-size", str(BATCH_SIZE),
+            "--workers", str(spec["workers"]), "--amp", spec["amp"], "--output-dir", spec["tmp"]]
+    args = train.parse_args(argv + (["--fine-tune-encoder"] if spec["fine_tune"] else []))
+    encoder, decoder = build_models(vars(args), VOCAB)
+    encoder.to(device)
+    decoder.to(device)
+    if device.type == "cuda":
+        encoder.to(memory_format=torch.channels_last)
+    # As train.py builds them.
+    encoder_params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizers = [torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)]
+    if encoder_params:
+        optimizers.append(torch.optim.Adam(encoder_params, lr=args.encoder_lr))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    dataset = CaptionDataset(args.data_folder, "train")
+    loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, drop_last=True, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", worker_init_fn=train._worker_init,
+                        persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(0))
+    trainable = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    timer = StepTimer(device, encoder, decoder, trainable)
+    warmup = spec["warmup_steps"]
+    steps = warmup + spec["repeats"]
+    if steps * BATCH_SIZE > len(dataset):
+        raise RuntimeError(f"{len(dataset)} captions packed, {steps * BATCH_SIZE} needed")
+    with PeakMemory(device) as memory:
+        train.train_one_epoch(encoder, decoder, timer.loader(loader, steps), optimizers, scaler, args, device,
+                              epoch=0, samples_done=0, world_size=1, on_step=timer.on_step,
+                              stop=train.StopRequested(), show_progress=False)
+    timed = timer.steps[warmup:]
+    parts = {k: median([s[k] for s in timed]) for k in timed[0]}
+    return {"fine_tune": spec["fine_tune"], "workers": args.workers, "amp": args.amp,
+            "trainable_encoder_params": sum(p.numel() for p in encoder_params),
+            "captions_per_s": BATCH_SIZE / parts["step"], "median_seconds": parts,
+            "data_fraction": parts["data"] / parts["step"], "steps": timed, "peak_memory_mib": memory.mib}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Decoding
+
+
+def section_decoding(spec):
+    """Images/s of beam_search from features, batched and one image per call, at fixed length."""
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    decoder = DecoderWithAttention(vocab_size=VOCAB, encoder_dim=2048, attention_dim=512, embed_dim=512,
+                                   decoder_dim=512).to(device).eval()
+    with torch.no_grad():
+        decoder.fc.bias[END] = -1e4  # <end> is never the best word: every beam runs all the steps
+    features = torch.randn(DECODE_BATCH, 196, 2048, device=device)  # (B, P, E) from a 14x14 grid
+    steps = spec["steps"]
+    results = []
+    for beam in (1, 3, 5):
+        for mode in ("batched", "single"):
+            images = DECODE_BATCH if mode == "batched" else spec["single_images"]
+            chunks = [features] if mode == "batched" else [features[i:i + 1] for i in range(images)]
+
+            def run():
+                tokens = []
+                for chunk in chunks:  # eval.py's call: the captions and their attention maps
+                    tokens += decoder.beam_search(chunk, START, END, beam_size=beam, max_steps=steps,
+                                                  return_alphas=True)[0]
+                if any(len(t) != steps for t in tokens):
+                    raise RuntimeError("a caption ended early: the decode length is not fixed")
+
+            decoder.beam_search(chunks[0], START, END, beam_size=beam, max_steps=2)  # warm-up
+            times, peaks = [], []
+            for _ in range(spec["repeats"]):
+                with PeakMemory(device) as memory:
+                    start = clock(device)
+                    run()
+                    times.append(clock(device) - start)
+                peaks.append(memory.mib)
+            results.append({"beam": beam, "mode": mode, "images": images, "steps": steps, "seconds": times,
+                            "images_per_s": images / median(times), "peak_memory_mib": max(peaks)})
+    for beam in (1, 3, 5):
+        batched, single = (next(r for r in results if r["beam"] == beam and r["mode"] == m)
+                           for m in ("batched", "single"))
+        batched["speedup_over_single"] = batched["images_per_s"] / single["images_per_s"]
+    return {"runs": results}
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The decoder's precomputation, against the step-loop form
+
+
+class StepLoopProjectionDecoder(DecoderWithAttention):
+    """BASELINE for bench.py only: DecoderWithAttention's teacher-forced forward written the naive
+    way (as the tutorial does): the encoder's attention projection (B, P, E) -> (B, P, A) is
+    recomputed at every step, and the output layer runs once per step. Same weights, same
+    outputs; only the placement of the work differs."""
+
+    def forward(self, encoder_out, captions, caption_lengths):
+        """As DecoderWithAttention.forward: scores (B, T, V), alphas (B, T, P), decode_lengths (B,)."""
+        batch_size, num_pixels, _ = encoder_out.shape
+        decode_lengths = caption_lengths - 1  # (B,)
+        max_steps = int(decode_lengths.max())
+        decode_lengths_sorted, order = decode_lengths.sort(descending=True)
+        encoder_out = encoder_out[order]  # (B, P, E)
+        embeddings = self.embedding(captions[order])  # (B, L, M)
+        h, c = self.init_hidden_state(encoder_out)  # (B, D) each
+        scores = encoder_out.new_zeros(batch_size, max_steps, self.vocab_size)  # (B, T, V)
+        alphas = encoder_out.new_zeros(batch_size, max_steps, num_pixels)  # (B, T, P)
+        for t in range(max_steps):
+            n = int((decode_lengths_sorted > t).sum())
+            encoder_proj = self.attention.project_encoder(encoder_out[:n])  # (n, P, A): at every step
+            h, c, alpha = self.step(encoder_out[:n], encoder_proj, embeddings[:n, t], h[:n], c[:n])
+            scores[:n, t] = self.fc(self.dropout(h))  # (n, V): the output layer at every step
+            alphas[:n, t] = alpha
+        unsort = order.argsort()
+        return scores[unsort], alphas[unsort], decode_lengths
+
+
+def ablation_models(device, dropout=0.5, seed=0, **dims):
+    """The real decoder and the step-loop baseline with the same weights."""
+    dims = {"vocab_size": VOCAB, "encoder_dim": 2048, "attention_dim": 512, "embed_dim": 512, "decoder_dim": 512,
+            **dims}
+    torch.manual_seed(seed)
+    real = DecoderWithAttention(dropout=dropout, **dims).to(device)
+    baseline = StepLoopProjectionDecoder(dropout=dropout, **dims).to(device)
+    baseline.load_state_dict(real.state_dict())
+    return real, baseline
+
+
+def decoder_loss(decoder, features, captions, lengths, alpha_c=1.0):
+    """train.py's loss for one teacher-forced batch."""
+    scores, alphas, decode_lengths = decoder(features, captions, lengths)
+    return train.caption_loss(scores, captions, decode_lengths, alphas, alpha_c)[0]
+
+
+def section_ablation(spec):
+    """Decoder forward+backward at batch 32 on 14x14x2048 features, real against step-loop baseline."""
+    device = torch.device(spec["device"])
+    real, baseline = ablation_models(device)
+    rng = np.random.default_rng(0)
+    features = torch.randn(BATCH_SIZE, 196, 2048, device=device)  # (B, P, E), a frozen encoder's output
+    captions, lengths = random_captions(rng, BATCH_SIZE, device)
+
+    # Fair comparison: without dropout both give the same loss and gradients.
+    real.eval(), baseline.eval()
+    losses, grads = [], []
+    for model in (real, baseline):
+        model.zero_grad(set_to_none=True)
+        loss = decoder_loss(model, features, captions, lengths)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    same_loss = bool(np.isclose(losses[0], losses[1], rtol=1e-5, atol=1e-6))
+    same_grads = bool(torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6))
+    if not (same_loss and same_grads):
+        raise RuntimeError(f"the baseline decoder computes something else: losses {losses}")
+
+    real.train(), baseline.train()
+    times = {"real": [], "baseline": []}
+    peaks = {"real": [], "baseline": []}
+    for repeat in range(spec["repeats"] + 1):  # the first round warms up
+        captions, lengths = random_captions(rng, BATCH_SIZE, device)
+        for name, model in (("real", real), ("baseline", baseline)):  # interleaved: load drifts evenly
+            model.zero_grad(set_to_none=True)
+            with PeakMemory(device) as memory:
+                start = clock(device)
+                decoder_loss(model, features, captions, lengths).backward()
+                elapsed = clock(device) - start
+            if repeat:
+                times[name].append(elapsed)
+                peaks[name].append(memory.mib)
+    result = {"losses_without_dropout": losses, "same_loss": same_loss, "same_gradients": same_grads}
+    for name in times:
+        result[name] = {"seconds": times[name], "median_seconds": median(times[name]),
+                        "captions_per_s": BATCH_SIZE / median(times[name]), "peak_memory_mib": max(peaks[name])}
+    result["speedup"] = result["baseline"]["median_seconds"] / result["real"]["median_seconds"]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the sections, each in a fresh process
+
+
+SECTIONS = {"packing": section_packing, "training": section_training, "decoding": section_decoding,
+            "ablation": section_ablation}
+
+
+def run_child(spec):
+    """Inside the child process: run one section and print its result as the last line."""
+    spec = json.loads(spec)
+    rss_after_imports = current_rss_mib()
+    result = SECTIONS[spec["section"]](spec)
+    result["rss_after_imports_mib"] = rss_after_imports
+    print("BENCH_RESULT " + json.dumps(result))
+
+
+def run_section(name, **spec):
+    """Run a section in a fresh Python process; returns its result dict."""
+    started = time.perf_counter()
+    print(f"bench: {name} {'' if 'fine_tune' not in spec else ('fine-tuned ' if spec['fine_tune'] else 'frozen ')}"
+          "...", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps({"section": name, **spec})],
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"bench.py: error: the {name} section failed (exit code {proc.returncode})")
+    result = json.loads(lines[-1][len("BENCH_RESULT "):])
+    result["wall_seconds"] = time.perf_counter() - started
+    return result
+
+
+def machine_info(device, amp):
+    """The machine, software and load the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "device": device, "amp": amp, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def targets(results):
+    """Issue 3's targets: the measured figure, what is wanted, and whether it is met."""
+    frozen = next(t for t in results["training"] if not t["fine_tune"])
+    beam5 = next(r for r in results["decoding"]["runs"] if r["beam"] == 5 and r["mode"] == "batched")
+    figures = {
+        "packing speed-up over the plain loop": (results["packing"]["speedup"], ">= 3", lambda x: x >= 3),
+        "data time / step time, frozen encoder": (frozen["data_fraction"], "< 0.1", lambda x: x < 0.1),
+        "beam 5 batched / one at a time": (beam5["speedup_over_single"], ">= 10", lambda x: x >= 10),
+        "decoder precompute speed-up": (results["ablation"]["speedup"], ">= 4", lambda x: x >= 4),
+    }
+    return {name: {"measured": value, "wanted": wanted, "met": bool(ok(value))}
+            for name, (value, wanted, ok) in figures.items()}
+
+
+def markdown(results):
+    """The results as markdown tables for the README."""
+    m, mem = results["machine"], results["memory_method"]
+    lines = [f"Measured {m['date'][:10]} on {m['cpu']} ({m['cpu_cores']} cores"
+             + (f", {m['gpu']}" if "gpu" in m else "") + f"), torch {m['torch']}, device {m['device']}"
+             + (f", load average {m['load_average_at_start'][0]} at start" if "load_average_at_start" in m else "")
+             + f"; medians of {results['repeats']} runs. Memory: {mem}"
+             + (f"; a process holds {results['packing']['rss_after_imports_mib']:.0f} MiB once Python, torch and "
+                "this repo's modules are imported" if results["packing"].get("rss_after_imports_mib") else "")
+             + ".", ""]
+    p = results["packing"]
+    lines += ["| Packing: 640x480 JPEG -> 256x256 | images/s | peak memory (MiB) |", "|---|---:|---:|",
+              f"| `baseline_plain_open_resize` (1 process, full decode) | {p['plain']['images_per_s']:.0f} "
+              f"| {p['plain']['peak_memory_mib']:.0f} |",
+              f"| `create_input_files.decode_images` (draft mode, --workers {p['workers']}) | "
+              f"{p['real']['images_per_s']:.0f} | {p['real']['peak_memory_mib']:.0f} (+ workers) |",
+              f"| speed-up; mean absolute pixel difference (0-255) | **{p['speedup']:.1f}x** | "
+              f"{p['mean_abs_pixel_difference']:.2f} |", ""]
+    lines += ["| Training, batch 32, ResNet-101 14x14, 512/512/512 | captions/s | data | encoder fwd "
+              "| decoder fwd+bwd | encoder bwd | optimiser (+ grad checks, clipping) | peak memory (MiB) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in results["training"]:
+        s = t["median_seconds"]
+        share = lambda k: f"{1000 * s[k]:.0f} ms ({100 * s[k] / s['step']:.0f}%)"  # noqa: E731
+        setting = "fine-tuned encoder" if t["fine_tune"] else "frozen encoder"
+        lines.append(f"| {setting} (--workers {t['workers']}) "
+                     f"| {t['captions_per_s']:.1f} | {share('data')} | {share('encoder_forward')} "
+                     f"| {share('decoder_forward_backward')} | {share('encoder_backward')} | {share('optimiser')} "
+                     f"| {t['peak_memory_mib']:.0f} |")
+    runs = results["decoding"]["runs"]
+    steps = runs[0]["steps"]
+    lines += ["", f"| Beam search from features (encoder not timed), {steps} steps, images/s "
+                  "| beam 1 | beam 3 | beam 5 |",
+              "|---|---:|---:|---:|"]
+    for mode, label in (("batched", f"{DECODE_BATCH} images per call"), ("single", "1 image per call")):
+        row = [r for r in runs if r["mode"] == mode]
+        lines.append(f"| {label} | " + " | ".join(f"{r['images_per_s']:.2f}" for r in row) + " |")
+    batched = [r for r in runs if r["mode"] == "batched"]
+    lines.append("| speed-up of batching | "
+                 + " | ".join(f"**{r['speedup_over_single']:.1f}x**" for r in batched) + " |")
+    lines.append("| peak memory, batched / single (MiB) | " + " | ".join(
+        f"{r['peak_memory_mib']:.0f} / {s['peak_memory_mib']:.0f}"
+        for r, s in zip(batched, [r for r in runs if r["mode"] == "single"])) + " |")
+    a = results["ablation"]
+    lines += ["", "| Decoder forward+backward, batch 32, 14x14x2048 features | ms | captions/s | peak memory (MiB) |",
+              "|---|---:|---:|---:|"]
+    for name, label in (("real", "`DecoderWithAttention` (projection once per batch, output layer once)"),
+                        ("baseline", "`StepLoopProjectionDecoder` (both inside the step loop)")):
+        lines.append(f"| {label} | {1000 * a[name]['median_seconds']:.0f} | {a[name]['captions_per_s']:.0f} "
+                     f"| {a[name]['peak_memory_mib']:.0f} |")
+    lines.append(f"| speed-up (same weights, same loss: {a['same_loss']}) | **{a['speedup']:.1f}x** | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """Run every section and print the table; returns the results dict."""
+    args = parse_args(argv)
+    if args.child is not None:
+        return run_child(args.child)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.py: error: --device cuda, but torch sees no CUDA device")
+    sizes = QUICK if args.quick else FULL
+    repeats = args.repeats or sizes["repeats"]
+    started = time.perf_counter()
+    results = {"machine": machine_info(args.device, args.amp), "quick": args.quick, "repeats": repeats,
+               "memory_method": PeakMemory.method(torch.device(args.device)),
+               "settings": {**sizes, "repeats": repeats, "vocab_size": VOCAB, "batch_size": BATCH_SIZE,
+                            "decode_batch": DECODE_BATCH, "caption_words": "8 + Poisson(3), at most 20",
+                            "max_len": MAX_LEN}}
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        tmp = Path(tmp)
+        (tmp / "jpegs").mkdir()
+        paths = make_jpegs(tmp / "jpegs", sizes["pack_images"])
+        results["packing"] = run_section("packing", paths=[str(p) for p in paths], workers=2, repeats=repeats)
+        pack_training_set(paths[:sizes["train_images"]], tmp / "packed")
+        results["training"] = [
+            run_section("training", device=args.device, amp=args.amp, fine_tune=fine_tune, workers=2,
+                        repeats=repeats, warmup_steps=sizes["train_warmup_steps"],
+                        data_folder=str(tmp / "packed"), tmp=str(tmp / "run"))
+            for fine_tune in (False, True)]
+    results["decoding"] = run_section("decoding", device=args.device, steps=sizes["decode_steps"],
+                                      single_images=sizes["single_images"], repeats=repeats)
+    results["ablation"] = run_section("ablation", device=args.device, repeats=repeats)
+    results["total_seconds"] = time.perf_counter() - started
+    if hasattr(os, "getloadavg"):
+        results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["targets"] = targets(results)
+    results["markdown"] = markdown(results)
+    json_path = args.json or Path("runs") / f"bench_{args.device}{'_quick' if args.quick else ''}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2))
+    print(results["markdown"])
+    print("\nIssue 3's targets on this machine:")
+    for name, target in results["targets"].items():
+        verdict = "met" if target["met"] else "NOT met"
+        print(f"  {name}: {target['measured']:.3g} (wanted {target['wanted']}): {verdict}")
+    print(f"({' '.join(['python bench.py'] + (argv if argv is not None else sys.argv[1:]))}: "
+          f"{results['total_seconds']:.0f} s; all figures in {json_path})")
+    return results
+
+
+if __name__ == "__main__":
+    main()

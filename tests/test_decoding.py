@@ -1,0 +1,114 @@
+"""Batched beam search against one image at a time, greedy decoding and its edge cases, on a trained
+tiny model; and bench.py's step-loop baseline decoder against the real one."""
+import copy
+
+import pytest
+import torch
+
+import train
+import utils
+from bench import StepLoopProjectionDecoder
+from datasets import CaptionDataset
+from models import DecoderWithAttention
+
+MAX_STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run, packed_data):
+    """(decoder, features (N, P, E) of the val and test images, <start>, <end>) of the trained tiny model."""
+    encoder, decoder, state = utils.models_from_checkpoint(trained_run / "best.pt", torch.device("cpu"))
+    images = []
+    for split in ("val", "test"):
+        dataset = CaptionDataset(packed_data, split)
+        images += [dataset[i][0] for i in range(len(dataset))]
+    with torch.no_grad():
+        features = encoder(torch.stack(images))  # (N, P, E)
+    word_map = state["word_map"]
+    return decoder, features, word_map["<start>"], word_map["<end>"]
+
+
+def decode_one_by_one(decoder, features, start, end, **options):
+    tokens, alphas = [], []
+    for i in range(features.shape[0]):
+        t, a = decoder.beam_search(features[i:i + 1], start, end, return_alphas=True, **options)
+        tokens += t
+        alphas += a
+    return tokens, alphas
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+def test_batched_beam_search_equals_one_image_at_a_time(trained, beam_size):
+    decoder, features, start, end = trained
+    tokens, alphas = decoder.beam_search(features, start, end, beam_size=beam_size, max_steps=MAX_STEPS,
+                                         return_alphas=True)
+    single_tokens, single_alphas = decode_one_by_one(decoder, features, start, end, beam_size=beam_size,
+                                                     max_steps=MAX_STEPS)
+    assert tokens == single_tokens
+    for a, b in zip(alphas, single_alphas):
+        torch.testing.assert_close(a, b)
+
+
+def test_beam_size_one_equals_greedy(trained):
+    decoder, features, start, end = trained
+    beam_tokens, beam_alphas = decoder.beam_search(features, start, end, beam_size=1, max_steps=MAX_STEPS,
+                                                   return_alphas=True)
+    greedy_tokens, greedy_alphas = decoder.greedy_decode(features, start, end, max_steps=MAX_STEPS,
+                                                         return_alphas=True)
+    assert beam_tokens == greedy_tokens
+    for a, b in zip(beam_alphas, greedy_alphas):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+def test_alphas_have_one_map_per_word_and_sum_to_one(trained, beam_size):
+    decoder, features, start, end = trained
+    tokens, alphas = decoder.beam_search(features, start, end, beam_size=beam_size, max_steps=MAX_STEPS,
+                                         return_alphas=True)
+    assert len(alphas) == len(tokens) == features.shape[0]
+    for t, a in zip(tokens, alphas):
+        assert a.shape == (len(t), features.shape[1])
+        torch.testing.assert_close(a.sum(dim=1), torch.ones(len(t)))
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+def test_a_caption_comes_back_when_no_beam_ends(trained, beam_size):
+    decoder, features, start, end = trained
+    never_ends = copy.deepcopy(decoder)
+    with torch.no_grad():
+        never_ends.fc.bias[end] = -1e4  # the trained weights, but <end> is never among the best words
+    tokens, alphas = never_ends.beam_search(features, start, end, beam_size=beam_size, max_steps=7,
+                                            return_alphas=True)
+    assert [len(t) for t in tokens] == [7] * features.shape[0]
+    assert all(a.shape == (7, features.shape[1]) for a in alphas)
+    assert tokens == decode_one_by_one(never_ends, features, start, end, beam_size=beam_size, max_steps=7)[0]
+    # The real weights with too few steps: every image still gets its (cut) caption.
+    tokens = decoder.beam_search(features, start, end, beam_size=beam_size, max_steps=2)
+    assert len(tokens) == features.shape[0] and all(len(t) <= 2 and end not in t for t in tokens)
+
+
+def test_bench_step_loop_baseline_computes_the_same_loss():
+    torch.manual_seed(0)
+    dims = dict(vocab_size=30, encoder_dim=16, attention_dim=8, embed_dim=6, decoder_dim=10, dropout=0.5)
+    real = DecoderWithAttention(**dims).eval()  # eval: dropout off, so both see the same network
+    baseline = StepLoopProjectionDecoder(**dims).eval()
+    baseline.load_state_dict(real.state_dict())
+    features = torch.randn(5, 9, 16)
+    lengths = torch.tensor([4, 11, 7, 7, 3])
+    captions = torch.randint(1, 28, (5, 12))
+    captions[:, 0] = 28
+    for i, n in enumerate(lengths.tolist()):
+        captions[i, n - 1], captions[i, n:] = 29, 0
+    results = []
+    for model in (real, baseline):
+        scores, alphas, decode_lengths = model(features, captions, lengths)
+        loss = train.caption_loss(scores, captions, decode_lengths, alphas, alpha_c=1.0)[0]
+        loss.backward()
+        results.append((scores, alphas, loss, [p.grad for p in model.parameters()]))
+    (scores, alphas, loss, grads), (b_scores, b_alphas, b_loss, b_grads) = results
+    torch.testing.assert_close(loss, b_loss)
+    torch.testing.assert_close(scores, b_scores)
+    torch.testing.assert_close(alphas, b_alphas)
+    for g, b in zip(grads, b_grads):
+        torch.testing.assert_close(g, b)
+    assert type(baseline).forward is not DecoderWithAttention.forward  # it really is the other loop
