@@ -13,7 +13,7 @@ DEMO_SEED ?= 0
 DEMO_IMAGE_SIZE ?= 64
 DEMO_MODEL ?= --encoder-arch resnet18 --encoder-cut-after layer2 --encoded-size 8 --no-pretrained \
 	--fine-tune-encoder --attention-dim 256 --embed-dim 128 --decoder-dim 256 --dropout 0.3
-DEMO_OPTIM ?= --epochs 8 --batch-size 32 --encoder-lr 1e-3 --decoder-lr 1e-3 --val-beam-size 1
+DEMO_OPTIM ?= --epochs 6 --batch-size 32 --encoder-lr 1e-3 --decoder-lr 1e-3 --lr-decay-patience 1 --lr-decay-factor 0.5 --val-beam-size 1
 DEMO_WORKERS ?= 1
 DEMO_BEAM ?= 3
 
@@ -35,7 +35,6 @@ demo: $(VENV)/.installed
 	$(PY) create_input_files.py --dataset shapes --karpathy-json $(DEMO_DIR)/shapes/dataset_shapes.json \
 		--image-folder $(DEMO_DIR)/shapes --output-folder $(DEMO_DIR)/data --image-size $(DEMO_IMAGE_SIZE) \
 		--workers 2
-	rm -f $(DEMO_DIR)/train/last.pt $(DEMO_DIR)/train/best.pt
 	$(PY) train.py --data-folder $(DEMO_DIR)/data --output-dir $(DEMO_DIR)/train --workers $(DEMO_WORKERS) \
 		--seed $(DEMO_SEED) $(DEMO_MODEL) $(DEMO_OPTIM)
 	$(PY) eval.py --checkpoint $(DEMO_DIR)/train/best.pt --data-folder $(DEMO_DIR)/data --split test \
