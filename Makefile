@@ -39,7 +39,7 @@ demo: $(VENV)/.installed
 		--seed $(DEMO_SEED) $(DEMO_MODEL) $(DEMO_OPTIM)
 	$(PY) eval.py --checkpoint $(DEMO_DIR)/train/best.pt --data-folder $(DEMO_DIR)/data --split test \
 		--beam-size $(DEMO_BEAM) --workers 0
-	$(PY) caption.py --img $$(ls $(DEMO_DIR)/shapes/images/*.jpg | tail -n 1) \
+	$(PY) caption.py --img $$($(PY) -c "import json; print(json.load(open('$(DEMO_DIR)/data/test_meta.json'))['images'][0]['file'])") \
 		--checkpoint $(DEMO_DIR)/train/best.pt --data-folder $(DEMO_DIR)/data \
 		--beam-size $(DEMO_BEAM) --out $(DEMO_DIR)/attention.png
 	@$(PY) -c "import json; m = json.load(open('$(DEMO_DIR)/train/metrics_test_beam$(DEMO_BEAM).json')); \

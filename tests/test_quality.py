@@ -4,6 +4,7 @@ The margins were calibrated on several seeds (see the test's parameters); they s
 what an untrained model scores and what this training reaches, so the test is stable.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -19,17 +20,27 @@ from datasets import CaptionDataset
 SMALL_MODEL = ["--encoder-arch", "resnet18", "--encoder-cut-after", "layer2", "--encoded-size", "8",
                "--no-pretrained", "--fine-tune-encoder", "--attention-dim", "128", "--embed-dim", "64",
                "--decoder-dim", "128", "--dropout", "0.1", "--workers", "0", "--batch-size", "32",
-               "--encoder-lr", "1e-3", "--decoder-lr", "2e-3"]
+               "--encoder-lr", "1e-3", "--decoder-lr", "2e-3", "--lr-decay-patience", "1",
+               "--lr-decay-factor", "0.5"]
 
 
-@pytest.mark.parametrize("seed", [11])
-def test_short_training_learns_words_and_content(tmp_path, seed):
+@pytest.fixture
+def all_cores():
+    """This test runs alone in its process: let it use every core (conftest sets one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_short_training_learns_words_and_content(tmp_path, seed, all_cores):
     raw, data, run = tmp_path / "raw", tmp_path / "data", tmp_path / "run"
     make_shapes_dataset.main(["--output-folder", str(raw), "--num-images", "1000", "--seed", str(seed)])
     create_input_files.main(["--dataset", "shapes", "--karpathy-json", str(raw / "dataset_shapes.json"),
                              "--image-folder", str(raw), "--output-folder", str(data), "--image-size", "64",
                              "--workers", "0"])
-    train.main(["--data-folder", str(data), "--output-dir", str(run), "--epochs", "4", "--seed", str(seed),
+    train.main(["--data-folder", str(data), "--output-dir", str(run), "--epochs", "3", "--seed", str(seed),
                 *SMALL_MODEL])
 
     device = torch.device("cpu")
