@@ -22,7 +22,7 @@ from tqdm import tqdm
 from datasets import CaptionDataset
 from utils import (SPLITS, UserError, bleu_scores, check_word_maps_match, coco_caption_metrics,
                    content_scores, decode_tokens, grounding_scores, meta_file, models_from_checkpoint,
-                   read_json, run_main, strip_special, write_json)
+                   read_json, reference_tokens, run_main, write_json)
 
 
 def parse_args(argv=None):
@@ -72,7 +72,7 @@ def decode_split(encoder, decoder, dataset, word_map, beam_size, max_steps, batc
         hypotheses.extend(tokens)
         alphas.extend(maps)
         for caps, lens in zip(captions, lengths):
-            references.append([strip_special(c[:n].tolist(), word_map) for c, n in zip(caps, lens)])
+            references.append(reference_tokens(caps, lens, word_map))
     return (hypotheses, references, alphas) if return_alphas else (hypotheses, references)
 
 

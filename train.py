@@ -32,7 +32,7 @@ from datasets import CaptionDataset
 from models import RESNET_ARCHS, RESNET_BLOCKS
 from utils import (ARCH_ARGS, CHECKPOINT_VERSION, AverageMeter, UserError, atomic_write, bleu_scores,
                    build_models, load_checkpoint, load_model_weights, read_word_map, rng_state, run_main,
-                   save_checkpoint, set_rng_state, strip_special)
+                   reference_tokens, save_checkpoint, set_rng_state)
 
 
 def parse_args(argv=None):
@@ -150,22 +150,31 @@ def autocast(device, amp):
 # Loss
 
 
-def caption_loss(scores, captions, decode_lengths, alphas, alpha_c):
-    """Cross-entropy over real (non-pad) words plus the doubly stochastic attention penalty.
+def real_words(scores, captions, decode_lengths):
+    """The (N, V) float scores and (N,) targets of the N real (non-pad) words of a batch.
 
-    Args:
-        scores: (B, T, V) from the decoder; captions: (B, L) with <start> first;
-        decode_lengths: (B,); alphas: (B, T, P); alpha_c: penalty weight (eq. 14 of the paper).
-    Returns:
-        loss (scalar), and the (N, V) scores and (N,) targets of the N real words (for accuracy).
+    scores: (B, T, V) from the decoder; captions: (B, L) with <start> first; decode_lengths: (B,).
     """
     steps = scores.shape[1]
     targets = captions[:, 1:steps + 1]  # (B, T)
     mask = torch.arange(steps, device=scores.device).unsqueeze(0) < decode_lengths.unsqueeze(1)  # (B, T)
-    real_scores, real_targets = scores[mask].float(), targets[mask]  # (N, V), (N,)
-    loss = F.cross_entropy(real_scores, real_targets)
-    # Each pixel's attention summed over the caption should be near 1 (padded steps hold zeros).
-    loss = loss + alpha_c * ((1.0 - alphas.float().sum(dim=1)) ** 2).mean()
+    return scores[mask].float(), targets[mask]  # (N, V), (N,)
+
+
+def attention_penalty(alphas):
+    """Doubly stochastic attention penalty per caption (eq. 14 of the paper): each pixel's attention
+    summed over the caption should be near 1 (padded steps hold zeros). alphas (B, T, P) -> (B,)."""
+    return ((1.0 - alphas.float().sum(dim=1)) ** 2).mean(dim=1)
+
+
+def caption_loss(scores, captions, decode_lengths, alphas, alpha_c):
+    """Cross-entropy over real (non-pad) words plus `alpha_c` times the mean attention penalty.
+
+    Returns:
+        loss (scalar), and the (N, V) scores and (N,) targets of the N real words (for accuracy).
+    """
+    real_scores, real_targets = real_words(scores, captions, decode_lengths)
+    loss = F.cross_entropy(real_scores, real_targets) + alpha_c * attention_penalty(alphas).mean()
     return loss, real_scores, real_targets
 
 
@@ -230,24 +239,25 @@ def train_one_epoch(encoder, decoder, loader, optimizers, scaler, args, device, 
             scores, alphas, decode_lengths = decoder(encoder(images), captions, lengths)
             loss, real_scores, real_targets = caption_loss(scores, captions, decode_lengths, alphas,
                                                            args.alpha_c)
-        # One small all-reduce keeps every process deciding alike about NaNs and stop signals.
-        nonfinite, stop_flag = all_reduce_sum(
-            [float(not torch.isfinite(loss)), float(stop.signal is not None)], device, world_size)
-        if nonfinite:
-            raise TrainingDiverged.at(f"the loss became {loss.item()}", epoch, step, args)
         scaler.scale(loss).backward()
         for opt in optimizers:
             scaler.unscale_(opt)
-        # fp16: the scaler skips a step with inf/NaN gradients and lowers its scale, which is normal.
-        # Otherwise such a gradient is divergence: check before clipping, which would turn inf into
-        # +-grad_clip and hide it, and before the step, which would write NaN into the weights.
+        # Check before clipping, which would turn an inf gradient into +-grad_clip and hide it, and
+        # before the step, which would write NaN into the weights. With fp16 the scaler skips a step
+        # with inf/NaN gradients and lowers its scale, which is normal: only the loss counts there.
+        bad_grads = False
         if not scaler.is_enabled():
-            finite = [p.grad.isfinite().all() for p in trainable if p.grad is not None]
-            bad_grads, = all_reduce_sum([float(not torch.stack(finite).all()) if finite else 0.0], device,
-                                        world_size)
-            if bad_grads:
-                raise TrainingDiverged.at(f"a gradient became inf or NaN (loss {loss.item():.4g})", epoch,
-                                          step, args)
+            grads_finite = [p.grad.isfinite().all() for p in trainable if p.grad is not None]
+            bad_grads = bool(grads_finite) and not bool(torch.stack(grads_finite).all())
+        # One small all-reduce keeps every process deciding alike about NaNs and stop signals.
+        bad_loss, bad_grads, stop_flag = all_reduce_sum(
+            [float(not torch.isfinite(loss)), float(bad_grads), float(stop.signal is not None)], device,
+            world_size)
+        if bad_loss:
+            raise TrainingDiverged.at(f"the loss became {loss.item()}", epoch, step, args)
+        if bad_grads:
+            raise TrainingDiverged.at(f"a gradient became inf or NaN (loss {loss.item():.4g})", epoch, step,
+                                      args)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_value_(trainable, args.grad_clip)
         for opt in optimizers:
@@ -289,20 +299,19 @@ def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size
             features = encoder(images)  # (B, P, E)
             scores, alphas, decode_lengths = decoder_module(
                 features.repeat_interleave(per_image, dim=0), flat_captions, flat_lengths)
-            _, real_scores, real_targets = caption_loss(scores, flat_captions, decode_lengths,
-                                                        alphas, alpha_c)
+            real_scores, real_targets = real_words(scores, flat_captions, decode_lengths)
             hypotheses = decoder_module.beam_search(features, word_map["<start>"], word_map["<end>"],
                                                     beam_size=beam_size, max_steps=max_steps)
         # Sums, not batch means, so that the loss does not depend on how the split is batched or
         # sharded: caption_loss's cross-entropy is per word, its attention penalty per caption.
         word_loss_sum += F.cross_entropy(real_scores, real_targets, reduction="sum").item()
-        penalty_sum += ((1.0 - alphas.float().sum(dim=1)) ** 2).mean(dim=1).sum().item()
+        penalty_sum += attention_penalty(alphas).sum().item()
         num_captions += alphas.shape[0]
         words += real_targets.numel()
         correct += top5_correct(real_scores, real_targets)
         for index, hypothesis, caps, lens in zip(indices.tolist(), hypotheses, captions, lengths):
             decoded.append((index, hypothesis))
-            references[index] = [strip_special(c[:n].tolist(), word_map) for c, n in zip(caps, lens)]
+            references[index] = reference_tokens(caps, lens, word_map)
 
     word_loss_sum, penalty_sum, num_captions, words, correct = all_reduce_sum(
         [word_loss_sum, penalty_sum, num_captions, words, correct], device, world_size)

@@ -208,6 +208,11 @@ def strip_special(tokens, word_map):
     return [t for t in tokens if t not in special]
 
 
+def reference_tokens(captions, lengths, word_map):
+    """An image's packed captions (C, L) and lengths (C,) -> C lists of word ids without special tokens."""
+    return [strip_special(c[:n].tolist(), word_map) for c, n in zip(captions, lengths)]
+
+
 def decode_tokens(tokens, rev_word_map):
     """Token indices -> words."""
     return [rev_word_map[t] for t in tokens]
