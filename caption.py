@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from utils import (SPLITS, UserError, decode_tokens, list_images, load_image, meta_file, models_from_checkpoint,
-                   normalize_images, read_json, run_main)
+                   normalize_images, read_json, resolve_device, run_main)
 
 
 def parse_args(argv=None):
@@ -104,7 +104,7 @@ def caption_image(encoder, decoder, word_map, path, image_size, beam_size, max_s
 def main(argv=None):
     """Caption the images; print each caption and write the figures asked for."""
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     images = list_images(args.img)
     encoder, decoder, state = models_from_checkpoint(args.checkpoint, device)
     boxes = known_objects(args.data_folder) if args.data_folder else {}

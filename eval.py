@@ -22,7 +22,7 @@ from tqdm import tqdm
 from datasets import CaptionDataset
 from utils import (SPLITS, UserError, bleu_scores, check_word_maps_match, coco_caption_metrics,
                    content_scores, decode_tokens, grounding_scores, meta_file, models_from_checkpoint,
-                   read_json, reference_tokens, run_main, write_json)
+                   read_json, reference_tokens, resolve_device, run_main, write_json)
 
 
 def parse_args(argv=None):
@@ -143,7 +143,7 @@ def format_metrics(metrics):
 def main(argv=None):
     """Evaluate a checkpoint on a split; returns the metrics."""
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     encoder, decoder, state = models_from_checkpoint(args.checkpoint, device)
     check_word_maps_match(state["word_map"], args.data_folder, args.checkpoint)
     if device.type == "cuda":

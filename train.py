@@ -32,7 +32,7 @@ from datasets import CaptionDataset
 from models import RESNET_ARCHS, RESNET_BLOCKS
 from utils import (ARCH_ARGS, CHECKPOINT_VERSION, AverageMeter, UserError, atomic_write, bleu_scores,
                    build_models, load_checkpoint, load_model_weights, read_word_map, rng_state, run_main,
-                   reference_tokens, save_checkpoint, set_rng_state)
+                   reference_tokens, resolve_device, save_checkpoint, set_rng_state)
 
 
 def parse_args(argv=None):
@@ -110,9 +110,7 @@ def parse_args(argv=None):
 def setup_distributed(device_flag):
     """Start the process group when torchrun launched us; returns (rank, world_size, device)."""
     if "RANK" not in os.environ:
-        if device_flag == "auto":
-            device_flag = "cuda" if torch.cuda.is_available() else "cpu"
-        return 0, 1, torch.device(device_flag)
+        return 0, 1, resolve_device(device_flag)
     local_rank = int(os.environ["LOCAL_RANK"])
     use_cuda = torch.cuda.is_available() and device_flag != "cpu"
     if use_cuda:

@@ -44,6 +44,13 @@ def run_main(main_fn, prog):
         raise SystemExit(128 + signal.SIGINT) from None
 
 
+def resolve_device(flag):
+    """--device: "auto" is CUDA when present, else the CPU; anything else as given (cpu, cuda, cuda:1)."""
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(flag)
+
+
 # ----------------------------------------------------------------------------------------------
 # Images
 
