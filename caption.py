@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import (SPLITS, UserError, decode_tokens, list_images, load_image, meta_file, models_from_checkpoint,
-                   normalize_images, read_json, resolve_device, run_main)
+from utils import (SPLITS, UserError, decode_tokens, keep_freed_memory, list_images, load_image, meta_file,
+                   models_from_checkpoint, normalize_images, read_json, resolve_device, run_main)
 
 
 def parse_args(argv=None):
@@ -105,6 +105,8 @@ def main(argv=None):
     """Caption the images; print each caption and write the figures asked for."""
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     images = list_images(args.img)
     encoder, decoder, state = models_from_checkpoint(args.checkpoint, device)
     boxes = known_objects(args.data_folder) if args.data_folder else {}

@@ -22,6 +22,7 @@ import random
 import re
 import sys
 from collections import Counter
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import h5py
@@ -151,23 +152,78 @@ def read_coco_annotations(paths, image_folder, val_size, test_size, seed):
     return records
 
 
-def _load_for_pool(job):
-    """Worker: (index, path, size) -> (index, pixels or None, error message or None)."""
-    index, path, size = job
+def _load_or_error(index, path, size):
+    """(index, pixels or None, error message or None) for one image, in this process."""
     try:
         return index, load_image(path, size), None
     except UserError as exc:
         return index, None, str(exc)
 
 
-def decode_images(records, size, workers):
-    """Yield (index, pixels or None, error or None) in input order, decoding in `workers` processes."""
-    jobs = [(i, r["path"], size) for i, r in enumerate(records)]
+# Each worker's views of the shared blocks, set by _attach_blocks when the pool starts.
+_worker_blocks = []
+
+
+def _attach_blocks(names, shape):
+    """Worker start: map the shared blocks the main process made (SharedMemory objects kept alive)."""
+    for name in names:
+        memory = shared_memory.SharedMemory(name=name)
+        _worker_blocks.append((memory, np.ndarray(shape, dtype=np.uint8, buffer=memory.buf)))
+
+
+def _decode_into_block(job):
+    """Worker: decode one image into its slot of a shared block; returns an error message or None."""
+    block, slot, path, size = job
+    try:
+        _worker_blocks[block][1][slot] = load_image(path, size)
+        return None
+    except UserError as exc:
+        return str(exc)
+
+
+def decode_images(records, size, workers, block_bytes=16 * 2**20):
+    """Yield (index, pixels or None, error or None) in input order, decoding in `workers` processes.
+
+    Workers write pixels into two shared-memory blocks of `block_bytes` each, taking turns: while
+    this process hands out one block's images, the workers fill the other (its run of images is
+    queued before they finish the first). Sending pixels through
+    the pool's pipe instead cost this process about 0.5 ms an image (pickling and 64 KB pipe
+    reads of 196 KB), a quarter of the packing speed on 2 cores and the ceiling on many. Blocks
+    stay small so that a container's default 64 MB /dev/shm holds them.
+    """
+    jobs = [(i, r["path"]) for i, r in enumerate(records)]
     if workers == 0:
-        yield from map(_load_for_pool, jobs)
+        yield from (_load_or_error(i, path, size) for i, path in jobs)
         return
-    with multiprocessing.Pool(workers) as pool:
-        yield from pool.imap(_load_for_pool, jobs, chunksize=8)
+    image_shape = (3, size, size)
+    per_block = max(1, block_bytes // int(np.prod(image_shape)))
+    blocks = [shared_memory.SharedMemory(create=True, size=per_block * int(np.prod(image_shape)))
+              for _ in range(2)]
+    pixels = None  # a view of one block; it must be gone before the blocks are closed
+    try:
+        with multiprocessing.Pool(workers, initializer=_attach_blocks,
+                                  initargs=([b.name for b in blocks], (per_block, *image_shape))) as pool:
+            starts = range(0, len(jobs), per_block)
+
+            def submit(k):  # the k-th run of per_block images goes into block k % 2
+                run = jobs[starts[k]:starts[k] + per_block]
+                return pool.map_async(_decode_into_block, [(k % 2, slot, path, size)
+                                                           for slot, (_, path) in enumerate(run)])
+
+            # Two runs queued at all times, so the workers never wait for this process.
+            pending = [submit(k) for k in range(min(2, len(starts)))]
+            for k, start in enumerate(starts):
+                errors = pending[k].get()
+                pixels = np.ndarray((per_block, *image_shape), dtype=np.uint8, buffer=blocks[k % 2].buf)
+                for slot, error in enumerate(errors):
+                    yield start + slot, (None if error else pixels[slot].copy()), error
+                if k + 2 < len(starts):
+                    pending.append(submit(k + 2))  # into the block just handed out
+    finally:
+        pixels = None
+        for block in blocks:
+            block.close()
+            block.unlink()
 
 
 def encode_caption(tokens, word_map, max_len):

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from datasets import CaptionDataset
 from utils import (SPLITS, UserError, bleu_scores, check_word_maps_match, coco_caption_metrics,
-                   content_scores, decode_tokens, grounding_scores, meta_file, models_from_checkpoint,
-                   read_json, reference_tokens, resolve_device, run_main, write_json)
+                   content_scores, decode_tokens, grounding_scores, keep_freed_memory, meta_file,
+                   models_from_checkpoint, read_json, reference_tokens, resolve_device, run_main, write_json)
 
 
 def parse_args(argv=None):
@@ -144,6 +144,8 @@ def main(argv=None):
     """Evaluate a checkpoint on a split; returns the metrics."""
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     encoder, decoder, state = models_from_checkpoint(args.checkpoint, device)
     check_word_maps_match(state["word_map"], args.data_folder, args.checkpoint)
     if device.type == "cuda":

@@ -125,8 +125,9 @@ class Encoder(nn.Module):
 class Attention(nn.Module):
     """Additive soft attention (Bahdanau-style), eq. 4-6 of the paper.
 
-    The encoder projection does not depend on the step, so the decoder computes it once per batch
-    with `project_encoder` and passes it to every step.
+    Neither projection depends on the other's step: the decoder computes the encoder projection once
+    per batch with `project_encoder`, and applies `decoder_att` to the hidden state in one matmul
+    with its other maps of the hidden state (see DecoderWithAttention.hidden_weights).
     """
 
     def __init__(self, encoder_dim, decoder_dim, attention_dim):
@@ -139,24 +140,75 @@ class Attention(nn.Module):
         """encoder_out: (B, P, E) -> (B, P, A)."""
         return self.encoder_att(encoder_out)
 
-    def forward(self, encoder_out, encoder_proj, decoder_hidden):
+    def forward(self, encoder_out, encoder_proj, hidden_proj):
         """One attention step for K hidden states per image (K = 1 in training, the beams in beam search).
 
         Args:
             encoder_out: (N, P, E) float, encoder features.
             encoder_proj: (N, P, A) float, `project_encoder(encoder_out)`.
-            decoder_hidden: (N*K, D) float, the previous hidden states, the K of an image consecutive.
+            hidden_proj: (N*K, A) float, `decoder_att` of the previous hidden states, the K of an
+                image consecutive.
         Returns:
             context (N*K, E) float, the attention-weighted encoding, and alpha (N*K, P), summing to 1.
         """
         n, num_pixels, encoder_dim = encoder_out.shape
-        hidden_proj = self.decoder_att(decoder_hidden).view(n, -1, 1, encoder_proj.shape[2])  # (N, K, 1, A)
+        hidden_proj = hidden_proj.view(n, -1, 1, encoder_proj.shape[2])  # (N, K, 1, A)
         # The beams of an image broadcast against its one projection instead of K copies of it. The
         # sum is the step's largest tensor, so relu works in place rather than allocating another.
         scores = self.full_att((encoder_proj.unsqueeze(1) + hidden_proj).relu_()).squeeze(3)  # (N, K, P)
         alpha = scores.softmax(dim=2)  # (N, K, P)
         context = torch.bmm(alpha, encoder_out)  # (N, K, E)
         return context.view(-1, encoder_dim), alpha.view(-1, num_pixels)  # (N*K, E), (N*K, P)
+
+
+class _RecurrentLinearFunction(torch.autograd.Function):
+    """F.linear for one step of a RecurrentLinear: see there."""
+
+    @staticmethod
+    def forward(ctx, inputs, weight, bias, layer):
+        ctx.save_for_backward(inputs, weight)
+        ctx.layer = layer
+        return F.linear(inputs, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs, weight = ctx.saved_tensors
+        layer = ctx.layer
+        # Under autocast the step ran in low precision: grad has that dtype, the weight does not.
+        grad_input = grad.mm(weight.to(grad.dtype)).to(inputs.dtype) if ctx.needs_input_grad[0] else None
+        layer.pending.append((grad, inputs))
+        if len(layer.pending) < layer.steps:
+            return grad_input, None, None, None
+        # The last step to run backward: every step's gradient is in, so the weight's is one matmul.
+        grads = torch.cat([g for g, _ in layer.pending])  # (sum of N_t, out)
+        all_inputs = torch.cat([x for _, x in layer.pending]).to(grads.dtype)  # (sum of N_t, in)
+        layer.pending.clear()
+        grad_weight = grads.t().mm(all_inputs).to(weight.dtype)
+        grad_bias = grads.sum(0, dtype=torch.float32).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, None
+
+
+class RecurrentLinear:
+    """A linear map applied at every step of a recurrence, whose weight gradient is one matmul.
+
+    Autograd would give every step's weight its own gradient, a rank-N update of the whole matrix
+    (N = batch), and sum them: thin matmuls and full-size additions that cost more than all the
+    rest of the decoder's backward pass on a CPU. Here each step's backward only passes its input
+    gradient on and keeps (output gradient, input); the last of them computes
+    sum_t grad_t^T input_t in one matmul, as cuDNN's RNNs do. Use one object per forward pass.
+    """
+
+    def __init__(self, weight, bias=None):
+        self.weight, self.bias = weight, bias
+        self.steps = 0  # calls that will run a backward
+        self.pending = []  # (output gradient, input) of the steps whose backward has run
+
+    def __call__(self, inputs):
+        """inputs: (N, in) -> (N, out)."""
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return F.linear(inputs, self.weight, self.bias)
+        self.steps += 1
+        return _RecurrentLinearFunction.apply(inputs, self.weight, self.bias, self)
 
 
 class DecoderWithAttention(nn.Module):
@@ -194,13 +246,58 @@ class DecoderWithAttention(nn.Module):
         mean_encoding = encoder_out.mean(dim=1)  # (N, E)
         return self.init_h(mean_encoding), self.init_c(mean_encoding)
 
-    def step(self, encoder_out, encoder_proj, embedded, h, c):
-        """One LSTM step on the previous words' embeddings (N*K, M) -> new h, c (N*K, D) and alpha
-        (N*K, P), with K hidden states per image of encoder_out (N, P, E) (see Attention.forward)."""
-        context, alpha = self.attention(encoder_out, encoder_proj, h)  # (N*K, E), (N*K, P)
-        gate = torch.sigmoid(self.f_beta(h))  # (N*K, E)
-        h, c = self.lstm(torch.cat([embedded, gate * context], dim=1), (h, c))  # (N*K, D) each
+    def hidden_weights(self):
+        """The three maps of the previous hidden state, stacked so that a step applies them in one
+        matmul: decoder_att (A rows), f_beta (E rows) and the LSTM's hidden-to-gates (4D rows)."""
+        weight = torch.cat([self.attention.decoder_att.weight, self.f_beta.weight, self.lstm.weight_hh])
+        bias = torch.cat([self.attention.decoder_att.bias, self.f_beta.bias, self.lstm.bias_hh])
+        return weight, bias  # (A + E + 4D, D), (A + E + 4D,)
+
+    def input_weights(self):
+        """The LSTM's input-to-gates weight split by what it reads: the word embedding (4D, M) and
+        the gated context (4D, E). One split per pass: its backward joins both gradients without
+        zero-filling the whole matrix for each, as two slices would."""
+        return self.lstm.weight_ih.split([self.embedding.embedding_dim, self.encoder_dim], dim=1)
+
+    def embedding_gates(self, words, word_weight):
+        """The LSTM gates' share of the input words, which does not depend on the recurrence:
+        word indices (...) -> (..., 4D), with the LSTM's input bias; word_weight from input_weights."""
+        return F.linear(self.embedding(words), word_weight, self.lstm.bias_ih)
+
+    def step(self, encoder_out, encoder_proj, word_gates, h, c, hidden_linear, context_linear):
+        """One decoding step for K hidden states per image of encoder_out (N, P, E).
+
+        Args:
+            encoder_proj: (N, P, A), `attention.project_encoder(encoder_out)`.
+            word_gates: (N*K, 4D), `embedding_gates` of the previous words.
+            h, c: (N*K, D), the previous LSTM state.
+            hidden_linear: the stacked maps of `hidden_weights` (F.linear or a RecurrentLinear).
+            context_linear: the LSTM's context-to-gates map, likewise.
+        Returns:
+            new h, c (N*K, D) each and alpha (N*K, P).
+        """
+        attention_dim, encoder_dim = encoder_proj.shape[2], encoder_out.shape[2]
+        hidden_proj, gate, hidden_gates = hidden_linear(h).split(
+            [attention_dim, encoder_dim, 4 * h.shape[1]], dim=1)  # (N*K, A), (N*K, E), (N*K, 4D)
+        context, alpha = self.attention(encoder_out, encoder_proj, hidden_proj)  # (N*K, E), (N*K, P)
+        gated_context = torch.sigmoid(gate) * context  # (N*K, E), section 4.2.1
+        # nn.LSTMCell's gates (input, forget, cell, output), from their three shares.
+        gates = word_gates + context_linear(gated_context) + hidden_gates  # (N*K, 4D)
+        in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=1)
+        c = torch.sigmoid(forget_gate) * c + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
+        h = torch.sigmoid(out_gate) * torch.tanh(c)
         return h, c, alpha
+
+    def _step_maps(self, recurrent):
+        """The word weight of `embedding_gates` and `step`'s two per-step maps: RecurrentLinear for
+        teacher forcing, plain F.linear for decoding."""
+        word_weight, context_weight = self.input_weights()  # (4D, M), (4D, E)
+        hidden_weight, hidden_bias = self.hidden_weights()
+        if recurrent:
+            return word_weight, RecurrentLinear(hidden_weight, hidden_bias), RecurrentLinear(context_weight)
+        # No context bias: the LSTM's input bias is in the word gates.
+        return (word_weight, lambda x: F.linear(x, hidden_weight, hidden_bias),
+                lambda x: F.linear(x, context_weight))
 
     def forward(self, encoder_out, captions, caption_lengths):
         """Teacher-forced decoding.
@@ -225,7 +322,8 @@ class DecoderWithAttention(nn.Module):
 
         encoder_out = encoder_out[order]  # (B, P, E)
         encoder_proj = self.attention.project_encoder(encoder_out)  # (B, P, A), once per batch
-        embeddings = self.embedding(captions[order])  # (B, L, M)
+        word_weight, hidden_linear, context_linear = self._step_maps(recurrent=True)
+        word_gates = self.embedding_gates(captions[order, :max_steps], word_weight)  # (B, T, 4D), once
         h, c = self.init_hidden_state(encoder_out)  # (B, D) each
 
         hiddens = encoder_out.new_zeros(batch_size, max_steps, h.shape[1])  # (B, T, D)
@@ -236,7 +334,8 @@ class DecoderWithAttention(nn.Module):
             # a zero-filled gradient of the whole, and the first steps all run the whole batch.
             if n < active_out.shape[0]:
                 active_out, active_proj = active_out[:n], active_proj[:n]  # (n, P, E), (n, P, A)
-            h, c, alpha = self.step(active_out, active_proj, embeddings[:n, t], h[:n], c[:n])
+            h, c, alpha = self.step(active_out, active_proj, word_gates[:n, t], h[:n], c[:n],
+                                    hidden_linear, context_linear)
             hiddens[:n, t] = h
             alphas[:n, t] = alpha
 
@@ -255,12 +354,15 @@ class DecoderWithAttention(nn.Module):
 
         The features and their projection stay one per image (B, P, .): every beam of an image reads
         them through broadcasting in Attention.forward, never through K copies.
+        Returns the projection (B, P, A), h and c (B*K, D) each, the word weight of
+        `embedding_gates` and `step`'s two maps.
         """
         encoder_proj = self.attention.project_encoder(encoder_out)  # (B, P, A)
         h, c = self.init_hidden_state(encoder_out)  # (B, D) each
         h = h.repeat_interleave(beam_size, dim=0)  # (B*K, D)
         c = c.repeat_interleave(beam_size, dim=0)  # (B*K, D)
-        return encoder_out, encoder_proj, h, c
+        word_weight, hidden_linear, context_linear = self._step_maps(recurrent=False)
+        return encoder_proj, h, c, word_weight, (hidden_linear, context_linear)
 
     @torch.no_grad()
     def beam_search(self, encoder_out, start_token, end_token, beam_size=3, max_steps=50,
@@ -286,7 +388,7 @@ class DecoderWithAttention(nn.Module):
         batch_size, num_pixels, _ = encoder_out.shape
         k = beam_size
         device = encoder_out.device
-        encoder_out, encoder_proj, h, c = self._decode_setup(encoder_out, k)
+        encoder_proj, h, c, word_weight, maps = self._decode_setup(encoder_out, k)
 
         words = torch.full((batch_size * k,), start_token, dtype=torch.long, device=device)  # (B*K,)
         # Only beam 0 is live at first, so the K beams do not start as K copies of one hypothesis.
@@ -301,7 +403,8 @@ class DecoderWithAttention(nn.Module):
         check_every = 1 if device.type == "cpu" else 8
 
         for t in range(max_steps):
-            h, c, alpha = self.step(encoder_out, encoder_proj, self.embedding(words), h, c)
+            h, c, alpha = self.step(encoder_out, encoder_proj, self.embedding_gates(words, word_weight), h, c,
+                                    *maps)
             log_probs = F.log_softmax(self.fc(h), dim=1).view(batch_size, k, -1)  # (B, K, V)
             vocab_size = log_probs.shape[2]
             # A finished beam extends only by one dummy <end> that leaves its score unchanged.
@@ -347,11 +450,12 @@ class DecoderWithAttention(nn.Module):
         """Greedy decoding: the most likely word at every step. Same inputs and outputs as
         `beam_search`; written separately so that the two can check each other."""
         batch_size = encoder_out.shape[0]
-        encoder_out, encoder_proj, h, c = self._decode_setup(encoder_out, 1)
+        encoder_proj, h, c, word_weight, maps = self._decode_setup(encoder_out, 1)
         words = torch.full((batch_size,), start_token, dtype=torch.long, device=encoder_out.device)
         step_words, step_alphas = [], []
         for _ in range(max_steps):
-            h, c, alpha = self.step(encoder_out, encoder_proj, self.embedding(words), h, c)
+            h, c, alpha = self.step(encoder_out, encoder_proj, self.embedding_gates(words, word_weight), h, c,
+                                    *maps)
             words = self.fc(h).argmax(dim=1)  # (B,)
             step_words.append(words)
             step_alphas.append(alpha)

@@ -31,8 +31,8 @@ from tqdm import tqdm
 from datasets import CaptionDataset
 from models import RESNET_ARCHS, RESNET_BLOCKS
 from utils import (ARCH_ARGS, CHECKPOINT_VERSION, AverageMeter, UserError, atomic_write, bleu_scores,
-                   build_models, load_checkpoint, load_model_weights, read_word_map, rng_state, run_main,
-                   reference_tokens, resolve_device, save_checkpoint, set_rng_state)
+                   build_models, keep_freed_memory, load_checkpoint, load_model_weights, read_word_map,
+                   reference_tokens, resolve_device, rng_state, run_main, save_checkpoint, set_rng_state)
 
 
 def parse_args(argv=None):
@@ -363,6 +363,8 @@ def main(argv=None):
     """Train; returns the history of per-epoch metrics."""
     args = parse_args(argv)
     rank, world_size, device = setup_distributed(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     try:
         return _train(args, rank, world_size, device)
     finally:

@@ -3,6 +3,7 @@
 Nothing here runs on import.
 """
 
+import ctypes
 import json
 import os
 import pickle
@@ -51,6 +52,24 @@ def resolve_device(flag):
     return torch.device(flag)
 
 
+def keep_freed_memory():
+    """For work on the CPU: let glibc keep freed memory for reuse instead of returning it at once.
+
+    PyTorch's CPU allocator caches nothing, and glibc hands every block above its mmap threshold
+    (at most 32 MiB) back to the system when freed: the next tensor of that size is a fresh mapping
+    whose pages fault in, zero-filled, on first touch. Training and decoding allocate such tensors
+    at every step (beam search's attention sum is 128 MiB at 64 images x 5 beams), and in bench.py
+    the page faults cost 15% of the decoder's forward+backward and a third of batched beam search.
+    Returns False, changing nothing, where glibc's mallopt is missing (macOS, musl).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 # ----------------------------------------------------------------------------------------------
 # Images
 
@@ -73,7 +92,10 @@ def _to_rgb(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+EXIF_ORIENTATION = 0x0112
 
 
 def load_image(path, size):
@@ -101,7 +123,8 @@ def load_image(path, size):
                     # difference this makes against a full decode.
                     draft_side = size - size // 8
                     image.draft("RGB", (draft_side, draft_side))
-                image = ImageOps.exif_transpose(image)
+                if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose would copy every image
+                    image = ImageOps.exif_transpose(image)
                 image = _to_rgb(image).resize((size, size), Image.Resampling.BICUBIC)
                 pixels = np.asarray(image, dtype=np.uint8)
     except Exception as exc:  # Pillow raises many types for broken files: all mean "unreadable"

@@ -1,0 +1,132 @@
+"""The fast paths compute what the plain ones do: the decoder's fused step against the tutorial's
+per-step modules, RecurrentLinear against per-step F.linear, and packing through shared memory
+against packing in one process."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import create_input_files
+import train
+from models import DecoderWithAttention, RecurrentLinear
+
+
+def tutorial_forward(decoder, encoder_out, captions, caption_lengths):
+    """DecoderWithAttention's teacher-forced pass written with its modules one by one, as the
+    tutorial does: decoder_att, f_beta and nn.LSTMCell at every step, the output layer per step."""
+    decode_lengths = caption_lengths - 1
+    batch_size, num_pixels, _ = encoder_out.shape
+    steps = int(decode_lengths.max())
+    embeddings = decoder.embedding(captions)
+    h, c = decoder.init_hidden_state(encoder_out)
+    scores = encoder_out.new_zeros(batch_size, steps, decoder.vocab_size)
+    alphas = encoder_out.new_zeros(batch_size, steps, num_pixels)
+    attention = decoder.attention
+    for t in range(steps):
+        active = decode_lengths > t  # rows in any order: no sorting here
+        proj = attention.encoder_att(encoder_out[active])
+        hidden = attention.decoder_att(h[active]).unsqueeze(1)
+        alpha = attention.full_att(torch.relu(proj + hidden)).squeeze(2).softmax(dim=1)
+        context = (encoder_out[active] * alpha.unsqueeze(2)).sum(dim=1)
+        gate = torch.sigmoid(decoder.f_beta(h[active]))
+        h_new, c_new = decoder.lstm(torch.cat([embeddings[active, t], gate * context], dim=1),
+                                    (h[active], c[active]))
+        h, c = h.clone(), c.clone()
+        h[active], c[active] = h_new, c_new
+        scores[active, t] = decoder.fc(h_new)
+        alphas[active, t] = alpha
+    return scores, alphas, decode_lengths
+
+
+def test_decoder_equals_the_tutorial_formulation_in_loss_and_every_gradient():
+    torch.manual_seed(0)
+    decoder = DecoderWithAttention(vocab_size=30, encoder_dim=16, attention_dim=8, embed_dim=6, decoder_dim=10,
+                                   dropout=0.0)
+    features = torch.randn(5, 9, 16)
+    lengths = torch.tensor([4, 11, 7, 7, 3])
+    captions = torch.randint(1, 28, (5, 12))
+    captions[:, 0] = 28
+    for i, n in enumerate(lengths.tolist()):
+        captions[i, n - 1], captions[i, n:] = 29, 0
+    results = []
+    for forward in (decoder, lambda *a: tutorial_forward(decoder, *a)):
+        decoder.zero_grad(set_to_none=True)
+        scores, alphas, decode_lengths = forward(features, captions, lengths)
+        loss = train.caption_loss(scores, captions, decode_lengths, alphas, alpha_c=1.0)[0]
+        loss.backward()
+        results.append((scores, alphas, loss, {n: p.grad.clone() for n, p in decoder.named_parameters()}))
+    (scores, alphas, loss, grads), (ref_scores, ref_alphas, ref_loss, ref_grads) = results
+    torch.testing.assert_close(scores, ref_scores)
+    torch.testing.assert_close(alphas, ref_alphas)
+    torch.testing.assert_close(loss, ref_loss)
+    for name, grad in ref_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], grad, msg=name)
+
+
+def recurrence(linear_for, weight, bias, x0, rows):
+    """A toy recurrence x_{t+1} = tanh(linear(x_t))[:rows[t]] summed into a loss; `linear_for`
+    makes the per-step map for the given weight and bias."""
+    linear = linear_for(weight, bias)
+    x, loss = x0, 0
+    for n in rows:
+        x = torch.tanh(linear(x[:n]))
+        loss = loss + (x * torch.arange(1, x.shape[1] + 1)).sum()
+    return loss
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recurrent_linear_gives_autograds_gradients(autocast):
+    torch.manual_seed(0)
+    weight = torch.randn(6, 6, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    x0 = torch.randn(5, 6, requires_grad=True)
+    rows = [5, 5, 4, 2, 2, 1]
+    grads = []
+    for linear_for in (RecurrentLinear, lambda w, b: (lambda x: F.linear(x, w, b))):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = recurrence(linear_for, weight, bias, x0, rows)
+        grads.append(torch.autograd.grad(loss, (weight, bias, x0)))
+    for fast, plain in zip(*grads):
+        assert fast.dtype == plain.dtype == torch.float32
+        # bf16: the fast path sums the steps' gradients in one matmul, autograd one step at a time.
+        torch.testing.assert_close(fast, plain, rtol=0.02 if autocast else 1e-5, atol=0.02 if autocast else 1e-5)
+
+
+def test_recurrent_linear_twice_backward_with_retain_graph():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 4, requires_grad=True)
+    x0 = torch.randn(3, 4)
+    loss = recurrence(RecurrentLinear, weight, None, x0, [3, 2, 2])
+    first = torch.autograd.grad(loss, weight, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, weight)[0]
+    torch.testing.assert_close(first, second)
+
+
+def test_decode_images_through_shared_memory_equals_one_process(tmp_path):
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(23):
+        path = tmp_path / f"img{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(path)
+        records.append({"path": path})
+    records.insert(9, {"path": tmp_path / "missing.jpg"})
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+    in_process = list(create_input_files.decode_images(records, 16, workers=0))
+    # Blocks of 5 images: several blocks, the last one part full, each block used more than once.
+    workers = list(create_input_files.decode_images(records, 16, workers=2, block_bytes=5 * 3 * 16 * 16 + 7))
+    assert [r[0] for r in workers] == list(range(len(records)))
+    for (i, pixels, error), (_, ref_pixels, ref_error) in zip(workers, in_process):
+        assert error == ref_error
+        assert (pixels is None and ref_pixels is None) or np.array_equal(pixels, ref_pixels), i
+    assert "missing.jpg: no such image file" in workers[9][2]
+
+    stopped = create_input_files.decode_images(records, 16, workers=2, block_bytes=5 * 3 * 16 * 16)
+    next(stopped), next(stopped)
+    stopped.close()  # as when packing stops at a bad image
+    if os.path.isdir("/dev/shm"):
+        assert set(os.listdir("/dev/shm")) == shm_before  # no shared block left behind
