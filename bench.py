@@ -19,7 +19,8 @@ training steps), with random weights, which take as long as trained ones. What r
      (Linux VmHWM, reset at the run's start; it includes Python, torch and the model, not worker
      processes); torch.cuda.max_memory_allocated on CUDA.
 Each section runs in a fresh Python process, so one section's memory does not count in another's.
-The table is printed as markdown; everything, with the machine, goes to runs/bench_<device>[_quick].json.
+The table is printed as markdown; everything, with the machine, goes to
+runs/bench_<device>[_quick][_default_malloc].json.
 """
 
 import argparse
@@ -71,8 +72,12 @@ def parse_args(argv=None):
                         help="timed runs per figure, at least 3 (default 3 with --quick, else 5)")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                         help="mixed precision for the training section on CUDA, as train.py --amp (default none)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc settings as they are instead of calling "
+                             "utils.keep_freed_memory as train.py and eval.py do on the CPU: what it gains")
     parser.add_argument("--json", type=Path, default=None,
-                        help="where the results go as JSON (default runs/bench_<device>[_quick].json)")
+                        help="where the results go as JSON "
+                             "(default runs/bench_<device>[_quick][_default_malloc].json)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one section
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 3:
@@ -536,16 +541,21 @@ SECTIONS = {"packing": section_packing, "training": section_training, "decoding"
 def run_child(spec):
     """Inside the child process: run one section and print its result as the last line."""
     spec = json.loads(spec)
-    if spec.get("device", "cpu") == "cpu":
-        keep_freed_memory()  # as train.py, eval.py and caption.py do on the CPU
+    if not spec["default_malloc"]:
+        keep_freed_memory(torch.device(spec.get("device", "cpu")))  # as train.py, eval.py and caption.py do
     rss_after_imports = current_rss_mib()
     result = SECTIONS[spec["section"]](spec)
     result["rss_after_imports_mib"] = rss_after_imports
     print("BENCH_RESULT " + json.dumps(result))
 
 
+# Settings every section gets, from main's flags.
+COMMON = {"default_malloc": False}
+
+
 def run_section(name, **spec):
     """Run a section in a fresh Python process; returns its result dict."""
+    spec = {**COMMON, **spec}
     started = time.perf_counter()
     print(f"bench: {name} {'' if 'fine_tune' not in spec else ('fine-tuned ' if spec['fine_tune'] else 'frozen ')}"
           "...", file=sys.stderr, flush=True)
@@ -599,7 +609,9 @@ def markdown(results):
     lines = [f"Measured {m['date'][:10]} on {m['cpu']} ({m['cpu_cores']} cores"
              + (f", {m['gpu']}" if "gpu" in m else "") + f"), torch {m['torch']}, device {m['device']}"
              + (f", load average {m['load_average_at_start'][0]} at start" if "load_average_at_start" in m else "")
-             + f"; medians of {results['repeats']} runs. Memory: {mem}"
+             + f"; medians of {results['repeats']} runs"
+             + ("; glibc malloc defaults (--default-malloc)" if results["settings"]["default_malloc"] else "")
+             + f". Memory: {mem}"
              + (f"; a process holds {results['packing']['rss_after_imports_mib']:.0f} MiB once Python, torch and "
                 "this repo's modules are imported" if results["packing"].get("rss_after_imports_mib") else "")
              + ".", ""]
@@ -657,12 +669,13 @@ def main(argv=None):
             raise SystemExit("bench.py: error: --device cuda, but torch sees no CUDA device")
     sizes = QUICK if args.quick else FULL
     repeats = args.repeats or sizes["repeats"]
+    COMMON["default_malloc"] = args.default_malloc
     started = time.perf_counter()
     results = {"machine": machine_info(args.device, args.amp), "quick": args.quick, "repeats": repeats,
                "memory_method": PeakMemory.method(torch.device(args.device)),
                "settings": {**sizes, "repeats": repeats, "vocab_size": VOCAB, "batch_size": BATCH_SIZE,
                             "decode_batch": DECODE_BATCH, "caption_words": "8 + Poisson(3), at most 20",
-                            "max_len": MAX_LEN}}
+                            "max_len": MAX_LEN, "default_malloc": args.default_malloc}}
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         tmp = Path(tmp)
         (tmp / "jpegs").mkdir()
@@ -682,7 +695,8 @@ def main(argv=None):
         results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = targets(results)
     results["markdown"] = markdown(results)
-    json_path = args.json or Path("runs") / f"bench_{args.device}{'_quick' if args.quick else ''}.json"
+    json_path = args.json or Path("runs") / (f"bench_{args.device}{'_quick' if args.quick else ''}"
+                                             f"{'_default_malloc' if args.default_malloc else ''}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2))
     print(results["markdown"])

@@ -105,8 +105,7 @@ def main(argv=None):
     """Caption the images; print each caption and write the figures asked for."""
     args = parse_args(argv)
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     images = list_images(args.img)
     encoder, decoder, state = models_from_checkpoint(args.checkpoint, device)
     boxes = known_objects(args.data_folder) if args.data_folder else {}

@@ -186,10 +186,10 @@ def decode_images(records, size, workers, block_bytes=16 * 2**20):
 
     Workers write pixels into two shared-memory blocks of `block_bytes` each, taking turns: while
     this process hands out one block's images, the workers fill the other (its run of images is
-    queued before they finish the first). Sending pixels through
-    the pool's pipe instead cost this process about 0.5 ms an image (pickling and 64 KB pipe
-    reads of 196 KB), a quarter of the packing speed on 2 cores and the ceiling on many. Blocks
-    stay small so that a container's default 64 MB /dev/shm holds them.
+    queued before they finish the first). Sending pixels through the pool's pipe instead cost this
+    process about 0.5 ms an image (pickling, and 64 KB pipe reads of 196 KB at size 256): a quarter
+    of the packing speed on 2 cores, and the ceiling on many. Blocks stay small so that a
+    container's default 64 MB /dev/shm holds them.
     """
     jobs = [(i, r["path"]) for i, r in enumerate(records)]
     if workers == 0:

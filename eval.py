@@ -144,8 +144,7 @@ def main(argv=None):
     """Evaluate a checkpoint on a split; returns the metrics."""
     args = parse_args(argv)
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     encoder, decoder, state = models_from_checkpoint(args.checkpoint, device)
     check_word_maps_match(state["word_map"], args.data_folder, args.checkpoint)
     if device.type == "cuda":

@@ -363,8 +363,7 @@ def main(argv=None):
     """Train; returns the history of per-epoch metrics."""
     args = parse_args(argv)
     rank, world_size, device = setup_distributed(args.device)
-    if device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device)
     try:
         return _train(args, rank, world_size, device)
     finally:
