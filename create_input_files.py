@@ -97,7 +97,7 @@ def parse_args(argv=None):
 
 
 def read_karpathy(path, image_folder):
-    """Karpathy-format JSON -> list of image records {split, path, raw_captions, image_id, objects}.
+    """Karpathy-format JSON -> list of image records {split, path, name, captions, image_id, objects, size}.
 
     'restval' images go to training, as in the tutorial.
     """
@@ -112,6 +112,7 @@ def read_karpathy(path, image_folder):
             records.append({
                 "split": split,
                 "path": image_folder / img.get("filepath", "") / img["filename"],
+                "name": str(Path(img.get("filepath", "")) / img["filename"]),  # the same wherever the data is
                 "captions": [c if isinstance(c, str) else "" for c in captions],
                 "image_id": img.get("cocoid", img.get("imgid", i)),
                 "objects": img.get("objects"),
@@ -147,6 +148,7 @@ def read_coco_annotations(paths, image_folder, val_size, test_size, seed):
                 split = "val" if rank < val_size else "test" if rank < val_size + test_size else "train"
             captions = [a["caption"] for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))]
             records.append({"split": split, "path": image_folder / subset / info["file_name"],
+                            "name": f"{subset}/{info['file_name']}",
                             "captions": captions, "image_id": image_id, "objects": None,
                             "size": (info.get("width"), info.get("height"))})
     return records
@@ -343,8 +345,9 @@ def write_captions(h5, records, word_map, args):
     captions = np.zeros((len(records) * cpi, args.max_len + 2), dtype=np.int32)
     lengths = np.zeros(len(records) * cpi, dtype=np.int32)
     for i, record in enumerate(records):
-        # Seeded per image, so the choice does not depend on worker scheduling or other images.
-        rng = random.Random(f"{args.seed}/{record['image_id']}/{record['path']}")
+        # Seeded per image, so the choice does not depend on worker scheduling or other images, and
+        # by the image's name within the dataset, so not on where the dataset lies on disk.
+        rng = random.Random(f"{args.seed}/{record['image_id']}/{record['name']}")
         tokens = record["tokens"]
         if len(tokens) < cpi:
             chosen = tokens + [rng.choice(tokens) for _ in range(cpi - len(tokens))]

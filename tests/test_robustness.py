@@ -176,6 +176,22 @@ def bad_files(folder):
             "truncated": folder / "truncated.jpg", "not_an_image": folder / "text.jpg"}
 
 
+def test_packing_a_copy_of_the_dataset_elsewhere_gives_the_same_captions(tmp_path):
+    # More captions than --captions-per-image: which ones are kept is drawn per image, and must not
+    # depend on where the dataset lies on disk.
+    for folder in ("a", "b/deeper"):
+        (tmp_path / folder).mkdir(parents=True)
+        entries = []
+        for i in range(6):
+            solid(tmp_path / folder / f"img{i}.png", colour=(i * 40, 0, 0))
+            entries.append((f"img{i}.png", "train", [f"caption {i} number {k}" for k in range(7)]))
+        create_input_files.main(pack_args(write_karpathy(tmp_path / folder, entries), tmp_path / folder,
+                                          tmp_path / folder / "out", "--captions-per-image", "2"))
+    with h5py.File(tmp_path / "a" / "out" / "train.h5") as a, h5py.File(tmp_path / "b/deeper/out/train.h5") as b:
+        assert np.array_equal(a["captions"][:], b["captions"][:])
+        assert np.array_equal(a["images"][:], b["images"][:])
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "not_an_image"])
 def test_bad_image_stops_packing_with_one_line_naming_it(tmp_path, kind):
     bad = bad_files(tmp_path)[kind]
