@@ -125,9 +125,9 @@ class Encoder(nn.Module):
 class Attention(nn.Module):
     """Additive soft attention (Bahdanau-style), eq. 4-6 of the paper.
 
-    Neither projection depends on the other's step: the decoder computes the encoder projection once
-    per batch with `project_encoder`, and applies `decoder_att` to the hidden state in one matmul
-    with its other maps of the hidden state (see DecoderWithAttention.hidden_weights).
+    The encoder projection does not depend on the step: the decoder computes it once per batch with
+    `project_encoder`. `decoder_att` is applied by the decoder too, stacked with its other maps of
+    the hidden state into one matmul (DecoderWithAttention.hidden_weights).
     """
 
     def __init__(self, encoder_dim, decoder_dim, attention_dim):
