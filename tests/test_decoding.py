@@ -1,15 +1,12 @@
 """Batched beam search against one image at a time, greedy decoding and its edge cases, on a trained
-tiny model; and bench.py's step-loop baseline decoder against the real one."""
+tiny model."""
 import copy
 
 import pytest
 import torch
 
-import train
 import utils
-from bench import StepLoopProjectionDecoder
 from datasets import CaptionDataset
-from models import DecoderWithAttention
 
 MAX_STEPS = 20
 
@@ -85,30 +82,3 @@ def test_a_caption_comes_back_when_no_beam_ends(trained, beam_size):
     # The real weights with too few steps: every image still gets its (cut) caption.
     tokens = decoder.beam_search(features, start, end, beam_size=beam_size, max_steps=2)
     assert len(tokens) == features.shape[0] and all(len(t) <= 2 and end not in t for t in tokens)
-
-
-def test_bench_step_loop_baseline_computes_the_same_loss():
-    torch.manual_seed(0)
-    dims = dict(vocab_size=30, encoder_dim=16, attention_dim=8, embed_dim=6, decoder_dim=10, dropout=0.5)
-    real = DecoderWithAttention(**dims).eval()  # eval: dropout off, so both see the same network
-    baseline = StepLoopProjectionDecoder(**dims).eval()
-    baseline.load_state_dict(real.state_dict())
-    features = torch.randn(5, 9, 16)
-    lengths = torch.tensor([4, 11, 7, 7, 3])
-    captions = torch.randint(1, 28, (5, 12))
-    captions[:, 0] = 28
-    for i, n in enumerate(lengths.tolist()):
-        captions[i, n - 1], captions[i, n:] = 29, 0
-    results = []
-    for model in (real, baseline):
-        scores, alphas, decode_lengths = model(features, captions, lengths)
-        loss = train.caption_loss(scores, captions, decode_lengths, alphas, alpha_c=1.0)[0]
-        loss.backward()
-        results.append((scores, alphas, loss, [p.grad for p in model.parameters()]))
-    (scores, alphas, loss, grads), (b_scores, b_alphas, b_loss, b_grads) = results
-    torch.testing.assert_close(loss, b_loss)
-    torch.testing.assert_close(scores, b_scores)
-    torch.testing.assert_close(alphas, b_alphas)
-    for g, b in zip(grads, b_grads):
-        torch.testing.assert_close(g, b)
-    assert type(baseline).forward is not DecoderWithAttention.forward  # it really is the other loop

@@ -1,6 +1,6 @@
 """The fast paths compute what the plain ones do: the decoder's fused step against the tutorial's
-per-step modules, RecurrentLinear against per-step F.linear, and packing through shared memory
-against packing in one process."""
+per-step modules, bench.py's step-loop baseline against the real decoder, RecurrentLinear against
+per-step F.linear, and packing through shared memory against packing in one process."""
 import os
 
 import numpy as np
@@ -11,6 +11,7 @@ from PIL import Image
 
 import create_input_files
 import train
+from bench import StepLoopProjectionDecoder
 from models import DecoderWithAttention, RecurrentLinear
 
 
@@ -41,30 +42,56 @@ def tutorial_forward(decoder, encoder_out, captions, caption_lengths):
     return scores, alphas, decode_lengths
 
 
-def test_decoder_equals_the_tutorial_formulation_in_loss_and_every_gradient():
-    torch.manual_seed(0)
-    decoder = DecoderWithAttention(vocab_size=30, encoder_dim=16, attention_dim=8, embed_dim=6, decoder_dim=10,
-                                   dropout=0.0)
+DIMS = dict(vocab_size=30, encoder_dim=16, attention_dim=8, embed_dim=6, decoder_dim=10, dropout=0.0)
+
+
+def teacher_forcing_batch():
+    """Features (5, 9, 16) and captions of 5 lengths (<start> 28, <end> 29, <pad> 0) for DIMS."""
     features = torch.randn(5, 9, 16)
     lengths = torch.tensor([4, 11, 7, 7, 3])
     captions = torch.randint(1, 28, (5, 12))
     captions[:, 0] = 28
     for i, n in enumerate(lengths.tolist()):
         captions[i, n - 1], captions[i, n:] = 29, 0
-    results = []
-    for forward in (decoder, lambda *a: tutorial_forward(decoder, *a)):
-        decoder.zero_grad(set_to_none=True)
-        scores, alphas, decode_lengths = forward(features, captions, lengths)
-        loss = train.caption_loss(scores, captions, decode_lengths, alphas, alpha_c=1.0)[0]
-        loss.backward()
-        results.append((scores, alphas, loss, {n: p.grad.clone() for n, p in decoder.named_parameters()}))
-    (scores, alphas, loss, grads), (ref_scores, ref_alphas, ref_loss, ref_grads) = results
+    return features, captions, lengths
+
+
+def loss_and_gradients(forward, decoder, features, captions, lengths):
+    """Scores, alphas, training loss and {name: gradient} of one teacher-forced pass."""
+    decoder.zero_grad(set_to_none=True)
+    scores, alphas, decode_lengths = forward(features, captions, lengths)
+    loss = train.caption_loss(scores, captions, decode_lengths, alphas, alpha_c=1.0)[0]
+    loss.backward()
+    return scores, alphas, loss, {n: p.grad.clone() for n, p in decoder.named_parameters()}
+
+
+def assert_same_pass(fast, reference):
+    """Two results of loss_and_gradients agree, and every gradient is non-zero."""
+    (scores, alphas, loss, grads), (ref_scores, ref_alphas, ref_loss, ref_grads) = fast, reference
     torch.testing.assert_close(scores, ref_scores)
     torch.testing.assert_close(alphas, ref_alphas)
     torch.testing.assert_close(loss, ref_loss)
     for name, grad in ref_grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[name], grad, msg=name)
+
+
+def test_decoder_equals_the_tutorial_formulation_in_loss_and_every_gradient():
+    torch.manual_seed(0)
+    decoder = DecoderWithAttention(**DIMS)
+    batch = teacher_forcing_batch()
+    assert_same_pass(loss_and_gradients(decoder, decoder, *batch),
+                     loss_and_gradients(lambda *a: tutorial_forward(decoder, *a), decoder, *batch))
+
+
+def test_bench_step_loop_baseline_computes_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    real = DecoderWithAttention(**DIMS)
+    baseline = StepLoopProjectionDecoder(**DIMS)
+    baseline.load_state_dict(real.state_dict())
+    batch = teacher_forcing_batch()
+    assert_same_pass(loss_and_gradients(real, real, *batch), loss_and_gradients(baseline, baseline, *batch))
+    assert type(baseline).forward is not DecoderWithAttention.forward  # it really is the other loop
 
 
 def recurrence(linear_for, weight, bias, x0, rows):
