@@ -451,23 +451,19 @@ class StepLoopProjectionDecoder(DecoderWithAttention):
         max_steps = int(decode_lengths.max())
         decode_lengths_sorted, order = decode_lengths.sort(descending=True)
         encoder_out = encoder_out[order]  # (B, P, E)
-        word_weight, hidden_linear, context_linear = self._step_maps(recurrent=True)
-        word_gates = self.embedding_gates(captions[order, :max_steps], word_weight)  # (B, T, 4D)
+        maps = self.step_maps()
+        word_gates = maps.words(captions[order, :max_steps])  # (B, T, 4D)
         h, c = self.init_hidden_state(encoder_out)  # (B, D) each
         hiddens = encoder_out.new_zeros(batch_size, max_steps, h.shape[1])  # (B, T, D)
         alphas = encoder_out.new_zeros(batch_size, max_steps, num_pixels)  # (B, T, P)
         for t in range(max_steps):
             n = int((decode_lengths_sorted > t).sum())
             encoder_proj = self.attention.project_encoder(encoder_out[:n])  # (n, P, A): at every step
-            h, c, alpha = self.step(encoder_out[:n], encoder_proj, word_gates[:n, t], h[:n], c[:n],
-                                    hidden_linear, context_linear)
+            h, c, alpha = self.step(encoder_out[:n], encoder_proj, word_gates[:n, t], h[:n], c[:n], maps)
             hiddens[:n, t] = h
             alphas[:n, t] = alpha
-        valid = torch.arange(max_steps, device=captions.device).unsqueeze(0) < decode_lengths_sorted.unsqueeze(1)
-        scores = hiddens.new_zeros(batch_size, max_steps, self.vocab_size)  # (B, T, V)
-        scores[valid] = self.fc(self.dropout(hiddens)[valid])  # (N, V)
-        unsort = order.argsort()
-        return scores[unsort], alphas[unsort], decode_lengths
+        scores, alphas = self._in_input_order(hiddens, alphas, decode_lengths_sorted, order)
+        return scores, alphas, decode_lengths
 
 
 def ablation_models(device, dropout=0.5, seed=0, **dims):

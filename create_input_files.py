@@ -155,7 +155,7 @@ def read_coco_annotations(paths, image_folder, val_size, test_size, seed):
 
 
 def _load_or_error(index, path, size):
-    """(index, pixels or None, error message or None) for one image, in this process."""
+    """(index, pixels or None, error message or None) for one image."""
     try:
         return index, load_image(path, size), None
     except UserError as exc:
@@ -176,11 +176,10 @@ def _attach_blocks(names, shape):
 def _decode_into_block(job):
     """Worker: decode one image into its slot of a shared block; returns an error message or None."""
     block, slot, path, size = job
-    try:
-        _worker_blocks[block][1][slot] = load_image(path, size)
-        return None
-    except UserError as exc:
-        return str(exc)
+    _, pixels, error = _load_or_error(slot, path, size)
+    if pixels is not None:
+        _worker_blocks[block][1][slot] = pixels
+    return error
 
 
 def decode_images(records, size, workers, block_bytes=16 * 2**20):

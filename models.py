@@ -13,6 +13,7 @@ Dimension legend used in shape comments:
 """
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -213,6 +214,14 @@ class RecurrentLinear:
         return _RecurrentLinearFunction.apply(inputs, self.weight, self.bias, self)
 
 
+class StepMaps(NamedTuple):
+    """The linear maps of one decoding pass (DecoderWithAttention.step_maps)."""
+
+    words: Callable  # word indices (...) -> (..., 4D): the words' share of the LSTM gates, with its bias
+    hidden: Callable  # h (N, D) -> (N, A + E + 4D): decoder_att, f_beta and the LSTM's hidden-to-gates
+    context: Callable  # gated context (N, E) -> (N, 4D): the LSTM's context-to-gates
+
+
 class DecoderWithAttention(nn.Module):
     """LSTM decoder with soft attention, a gated context and h0/c0 from the mean encoding.
 
@@ -255,51 +264,57 @@ class DecoderWithAttention(nn.Module):
         bias = torch.cat([self.attention.decoder_att.bias, self.f_beta.bias, self.lstm.bias_hh])
         return weight, bias  # (A + E + 4D, D), (A + E + 4D,)
 
-    def input_weights(self):
-        """The LSTM's input-to-gates weight split by what it reads: the word embedding (4D, M) and
-        the gated context (4D, E). One split per pass: its backward joins both gradients without
-        zero-filling the whole matrix for each, as two slices would."""
-        return self.lstm.weight_ih.split([self.embedding.embedding_dim, self.encoder_dim], dim=1)
-
-    def embedding_gates(self, words, word_weight):
-        """The LSTM gates' share of the input words, which does not depend on the recurrence:
-        word indices (...) -> (..., 4D), with the LSTM's input bias; word_weight from input_weights."""
-        return F.linear(self.embedding(words), word_weight, self.lstm.bias_ih)
-
-    def step(self, encoder_out, encoder_proj, word_gates, h, c, hidden_linear, context_linear):
+    def step(self, encoder_out, encoder_proj, word_gates, h, c, maps):
         """One decoding step for K hidden states per image of encoder_out (N, P, E).
 
         Args:
             encoder_proj: (N, P, A), `attention.project_encoder(encoder_out)`.
-            word_gates: (N*K, 4D), `embedding_gates` of the previous words.
+            word_gates: (N*K, 4D), `maps.words` of the previous words.
             h, c: (N*K, D), the previous LSTM state.
-            hidden_linear: the stacked maps of `hidden_weights` (F.linear or a RecurrentLinear).
-            context_linear: the LSTM's context-to-gates map, likewise.
+            maps: this pass's StepMaps (see step_maps).
         Returns:
             new h, c (N*K, D) each and alpha (N*K, P).
         """
         attention_dim, encoder_dim = encoder_proj.shape[2], encoder_out.shape[2]
-        hidden_proj, gate, hidden_gates = hidden_linear(h).split(
+        hidden_proj, gate, hidden_gates = maps.hidden(h).split(
             [attention_dim, encoder_dim, 4 * h.shape[1]], dim=1)  # (N*K, A), (N*K, E), (N*K, 4D)
         context, alpha = self.attention(encoder_out, encoder_proj, hidden_proj)  # (N*K, E), (N*K, P)
         gated_context = torch.sigmoid(gate) * context  # (N*K, E), section 4.2.1
         # nn.LSTMCell's gates (input, forget, cell, output), from their three shares.
-        gates = word_gates + context_linear(gated_context) + hidden_gates  # (N*K, 4D)
+        gates = word_gates + maps.context(gated_context) + hidden_gates  # (N*K, 4D)
         in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=1)
         c = torch.sigmoid(forget_gate) * c + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
         h = torch.sigmoid(out_gate) * torch.tanh(c)
         return h, c, alpha
 
-    def _step_maps(self, recurrent):
-        """The word weight of `embedding_gates` and `step`'s two per-step maps: RecurrentLinear for
-        teacher forcing, plain F.linear for decoding."""
-        word_weight, context_weight = self.input_weights()  # (4D, M), (4D, E)
+    def step_maps(self):
+        """The maps `step` applies, built once per pass (RecurrentLinear: with gradients on, one
+        weight gradient over all steps; without, plain F.linear)."""
+        # The LSTM's input weight split by what it reads. One split per pass: its backward joins both
+        # gradients without zero-filling the whole matrix for each, as two slices would.
+        word_weight, context_weight = self.lstm.weight_ih.split(
+            [self.embedding.embedding_dim, self.encoder_dim], dim=1)  # (4D, M), (4D, E)
         hidden_weight, hidden_bias = self.hidden_weights()
-        if recurrent:
-            return word_weight, RecurrentLinear(hidden_weight, hidden_bias), RecurrentLinear(context_weight)
-        # No context bias: the LSTM's input bias is in the word gates.
-        return (word_weight, lambda x: F.linear(x, hidden_weight, hidden_bias),
-                lambda x: F.linear(x, context_weight))
+        return StepMaps(
+            # The words' share does not depend on the recurrence; the LSTM's input bias goes here.
+            words=lambda words: F.linear(self.embedding(words), word_weight, self.lstm.bias_ih),
+            hidden=RecurrentLinear(hidden_weight, hidden_bias),
+            context=RecurrentLinear(context_weight))
+
+    def _in_input_order(self, hiddens, alphas, decode_lengths_sorted, order):
+        """Scores from the hidden states (B, T, D) of length-sorted captions, and the rows of scores
+        and alphas (B, T, P) back in the caller's order.
+
+        The output layer has no recurrence: one matmul over the real steps of all captions instead
+        of one per step, and none over padding (in a batch with one long caption, most of (B, T)).
+        """
+        batch_size, max_steps, _ = hiddens.shape
+        steps = torch.arange(max_steps, device=hiddens.device)
+        valid = steps.unsqueeze(0) < decode_lengths_sorted.unsqueeze(1)  # (B, T)
+        scores = hiddens.new_zeros(batch_size, max_steps, self.vocab_size)  # (B, T, V)
+        scores[valid] = self.fc(self.dropout(hiddens)[valid])  # (N, V), N real steps
+        unsort = order.argsort()
+        return scores[unsort], alphas[unsort]
 
     def forward(self, encoder_out, captions, caption_lengths):
         """Teacher-forced decoding.
@@ -324,8 +339,8 @@ class DecoderWithAttention(nn.Module):
 
         encoder_out = encoder_out[order]  # (B, P, E)
         encoder_proj = self.attention.project_encoder(encoder_out)  # (B, P, A), once per batch
-        word_weight, hidden_linear, context_linear = self._step_maps(recurrent=True)
-        word_gates = self.embedding_gates(captions[order, :max_steps], word_weight)  # (B, T, 4D), once
+        maps = self.step_maps()
+        word_gates = maps.words(captions[order, :max_steps])  # (B, T, 4D), once per batch
         h, c = self.init_hidden_state(encoder_out)  # (B, D) each
 
         hiddens = encoder_out.new_zeros(batch_size, max_steps, h.shape[1])  # (B, T, D)
@@ -336,35 +351,25 @@ class DecoderWithAttention(nn.Module):
             # a zero-filled gradient of the whole, and the first steps all run the whole batch.
             if n < active_out.shape[0]:
                 active_out, active_proj = active_out[:n], active_proj[:n]  # (n, P, E), (n, P, A)
-            h, c, alpha = self.step(active_out, active_proj, word_gates[:n, t], h[:n], c[:n],
-                                    hidden_linear, context_linear)
+            h, c, alpha = self.step(active_out, active_proj, word_gates[:n, t], h[:n], c[:n], maps)
             hiddens[:n, t] = h
             alphas[:n, t] = alpha
 
-        # The output layer has no recurrence: one matmul over the real steps of all captions instead
-        # of one per step, and none over padding (in a batch with one long caption, most of (B, T)).
-        steps = torch.arange(max_steps, device=captions.device)
-        valid = steps.unsqueeze(0) < decode_lengths_sorted.unsqueeze(1)  # (B, T)
-        scores = hiddens.new_zeros(batch_size, max_steps, self.vocab_size)  # (B, T, V)
-        scores[valid] = self.fc(self.dropout(hiddens)[valid])  # (N, V), N real steps
-
-        unsort = order.argsort()
-        return scores[unsort], alphas[unsort], decode_lengths
+        scores, alphas = self._in_input_order(hiddens, alphas, decode_lengths_sorted, order)
+        return scores, alphas, decode_lengths
 
     def _decode_setup(self, encoder_out, beam_size):
         """Shared start of greedy and beam decoding: projections once per image, states per beam.
 
         The features and their projection stay one per image (B, P, .): every beam of an image reads
         them through broadcasting in Attention.forward, never through K copies.
-        Returns the projection (B, P, A), h and c (B*K, D) each, the word weight of
-        `embedding_gates` and `step`'s two maps.
+        Returns the projection (B, P, A), h and c (B*K, D) each, and the StepMaps.
         """
         encoder_proj = self.attention.project_encoder(encoder_out)  # (B, P, A)
         h, c = self.init_hidden_state(encoder_out)  # (B, D) each
         h = h.repeat_interleave(beam_size, dim=0)  # (B*K, D)
         c = c.repeat_interleave(beam_size, dim=0)  # (B*K, D)
-        word_weight, hidden_linear, context_linear = self._step_maps(recurrent=False)
-        return encoder_proj, h, c, word_weight, (hidden_linear, context_linear)
+        return encoder_proj, h, c, self.step_maps()
 
     @torch.no_grad()
     def beam_search(self, encoder_out, start_token, end_token, beam_size=3, max_steps=50,
@@ -390,7 +395,7 @@ class DecoderWithAttention(nn.Module):
         batch_size, num_pixels, _ = encoder_out.shape
         k = beam_size
         device = encoder_out.device
-        encoder_proj, h, c, word_weight, maps = self._decode_setup(encoder_out, k)
+        encoder_proj, h, c, maps = self._decode_setup(encoder_out, k)
 
         words = torch.full((batch_size * k,), start_token, dtype=torch.long, device=device)  # (B*K,)
         # Only beam 0 is live at first, so the K beams do not start as K copies of one hypothesis.
@@ -405,8 +410,7 @@ class DecoderWithAttention(nn.Module):
         check_every = 1 if device.type == "cpu" else 8
 
         for t in range(max_steps):
-            h, c, alpha = self.step(encoder_out, encoder_proj, self.embedding_gates(words, word_weight), h, c,
-                                    *maps)
+            h, c, alpha = self.step(encoder_out, encoder_proj, maps.words(words), h, c, maps)
             log_probs = F.log_softmax(self.fc(h), dim=1).view(batch_size, k, -1)  # (B, K, V)
             vocab_size = log_probs.shape[2]
             # A finished beam extends only by one dummy <end> that leaves its score unchanged.
@@ -452,12 +456,11 @@ class DecoderWithAttention(nn.Module):
         """Greedy decoding: the most likely word at every step. Same inputs and outputs as
         `beam_search`; written separately so that the two can check each other."""
         batch_size = encoder_out.shape[0]
-        encoder_proj, h, c, word_weight, maps = self._decode_setup(encoder_out, 1)
+        encoder_proj, h, c, maps = self._decode_setup(encoder_out, 1)
         words = torch.full((batch_size,), start_token, dtype=torch.long, device=encoder_out.device)
         step_words, step_alphas = [], []
         for _ in range(max_steps):
-            h, c, alpha = self.step(encoder_out, encoder_proj, self.embedding_gates(words, word_weight), h, c,
-                                    *maps)
+            h, c, alpha = self.step(encoder_out, encoder_proj, maps.words(words), h, c, maps)
             words = self.fc(h).argmax(dim=1)  # (B,)
             step_words.append(words)
             step_alphas.append(alpha)
