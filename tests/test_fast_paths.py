@@ -1,6 +1,7 @@
 """The fast paths compute what the plain ones do: the decoder's fused step against the tutorial's
 per-step modules, bench.py's step-loop baseline against the real decoder, RecurrentLinear against
-per-step F.linear, and packing through shared memory against packing in one process."""
+per-step F.linear, attention scores in chunks of images against all at once, and packing through
+shared memory against packing in one process."""
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import create_input_files
+import models
 import train
 from bench import StepLoopProjectionDecoder
 from models import DecoderWithAttention, RecurrentLinear
@@ -131,6 +133,29 @@ def test_recurrent_linear_twice_backward_with_retain_graph():
     first = torch.autograd.grad(loss, weight, retain_graph=True)[0]
     second = torch.autograd.grad(loss, weight)[0]
     torch.testing.assert_close(first, second)
+
+
+def test_attention_in_chunks_of_images_equals_one_chunk(monkeypatch):
+    torch.manual_seed(0)
+    decoder = DecoderWithAttention(**DIMS).eval()
+    features = torch.randn(7, 9, 16)  # (N, P, E)
+    hidden_proj = torch.randn(7 * 3, 8)  # (N*K, A): 3 beams an image
+    encoder_proj = decoder.attention.project_encoder(features)
+    whole = decoder.attention(features, encoder_proj, hidden_proj)  # gradients on: one chunk
+    image_bytes = 3 * 9 * 8 * 4  # K * P * A floats
+    monkeypatch.setattr(models, "CPU_CHUNK_BYTES", 2 * image_bytes + 1)  # chunks of 2, 2, 2, 1 images
+    assert len(models._image_chunks(encoder_proj, 3)) == 4
+    with torch.no_grad():
+        chunked = decoder.attention(features, encoder_proj, hidden_proj)
+        beams = decoder.beam_search(features, 28, 29, beam_size=3, max_steps=6, return_alphas=True)
+    monkeypatch.setattr(models, "CPU_CHUNK_BYTES", 2**40)
+    with torch.no_grad():
+        beams_one_chunk = decoder.beam_search(features, 28, 29, beam_size=3, max_steps=6, return_alphas=True)
+    for part, reference in zip(chunked, whole):
+        torch.testing.assert_close(part, reference)
+    assert beams[0] == beams_one_chunk[0]
+    for alphas, reference in zip(beams[1], beams_one_chunk[1]):
+        torch.testing.assert_close(alphas, reference)
 
 
 def test_decode_images_through_shared_memory_equals_one_process(tmp_path):
