@@ -195,6 +195,12 @@ def _relu_sum(encoder_proj, hidden_proj):
     return (encoder_proj.unsqueeze(1) + hidden_proj.unsqueeze(2)).relu_()
 
 
+def done_check_interval(device):
+    """Steps between beam search's looks for images that are done. Looking reads a tensor on the
+    host; on a GPU that stalls the device, so it looks every 8 steps instead of every step."""
+    return 1 if device.type == "cpu" else 8
+
+
 class _RecurrentLinearFunction(torch.autograd.Function):
     """F.linear for one step of a RecurrentLinear: see there."""
 
@@ -410,10 +416,11 @@ class DecoderWithAttention(nn.Module):
         """Batched beam search: all beams of all images advance as one tensor batch.
 
         A beam that emits `<end>` is finished: it keeps its score and holds its place among the K
-        best, so images finish independently. Decoding stops when every beam of every image is
-        finished or after `max_steps` words. The best finished beam wins (the best unfinished one
-        when none finished, so a caption is always returned). Scores are summed log-probabilities,
-        as in the tutorial. Beam size 1 is greedy decoding.
+        best, so images finish independently. An image whose K beams have all finished leaves the
+        batch, so the images still decoding do not carry it. Decoding stops when every image has
+        left or after `max_steps` words. The best finished beam wins (the best unfinished one when
+        none finished, so a caption is always returned). Scores are summed log-probabilities, as in
+        the tutorial. Beam size 1 is greedy decoding.
 
         Args:
             encoder_out: (B, P, E) float.
@@ -430,59 +437,80 @@ class DecoderWithAttention(nn.Module):
         device = encoder_out.device
         encoder_proj, h, c, maps = self._decode_setup(encoder_out, k)
 
-        words = torch.full((batch_size * k,), start_token, dtype=torch.long, device=device)  # (B*K,)
+        # The state of the n images still decoding, their beams consecutive in the flat (n*K) rows.
+        images = torch.arange(batch_size, device=device)  # (n,) their indices in encoder_out
+        words = torch.full((batch_size * k,), start_token, dtype=torch.long, device=device)  # (n*K,)
         # Only beam 0 is live at first, so the K beams do not start as K copies of one hypothesis.
-        beam_scores = torch.full((batch_size, k), -math.inf, device=device)  # (B, K)
+        beam_scores = torch.full((batch_size, k), -math.inf, device=device)  # (n, K)
         beam_scores[:, 0] = 0.0
-        finished = torch.zeros(batch_size, k, dtype=torch.bool, device=device)  # (B, K)
-        sequences = torch.empty(batch_size, k, 0, dtype=torch.long, device=device)  # (B, K, t)
-        alpha_history = encoder_out.new_empty(batch_size, k, 0, num_pixels)  # (B, K, t, P)
-        batch_base = (torch.arange(batch_size, device=device) * k).unsqueeze(1)  # (B, 1)
-        # Checking whether all beams finished reads a tensor on the host; on a GPU do it rarely
-        # so the step loop does not stall the device every step.
-        check_every = 1 if device.type == "cpu" else 8
+        finished = torch.zeros(batch_size, k, dtype=torch.bool, device=device)  # (n, K)
+        sequences = torch.empty(batch_size, k, 0, dtype=torch.long, device=device)  # (n, K, t)
+        alpha_history = encoder_out.new_empty(batch_size, k, 0, num_pixels)  # (n, K, t, P)
+        tokens, alphas = [None] * batch_size, [None] * batch_size  # filled as images leave
+        check_every = done_check_interval(device)
 
         for t in range(max_steps):
+            n = images.shape[0]
             h, c, alpha = self.step(encoder_out, encoder_proj, maps.words(words), h, c, maps)
-            log_probs = F.log_softmax(self.fc(h), dim=1).view(batch_size, k, -1)  # (B, K, V)
+            log_probs = F.log_softmax(self.fc(h), dim=1).view(n, k, -1)  # (n, K, V)
             vocab_size = log_probs.shape[2]
             # A finished beam extends only by one dummy <end> that leaves its score unchanged.
             log_probs.masked_fill_(finished.unsqueeze(2), -math.inf)
             log_probs[:, :, end_token].masked_fill_(finished, 0.0)
-            candidates = (beam_scores.unsqueeze(2) + log_probs).view(batch_size, -1)  # (B, K*V)
-            beam_scores, flat_index = candidates.topk(k, dim=1)  # (B, K)
-            parent = flat_index // vocab_size  # (B, K)
-            next_words = flat_index % vocab_size  # (B, K)
+            candidates = (beam_scores.unsqueeze(2) + log_probs).view(n, -1)  # (n, K*V)
+            beam_scores, flat_index = candidates.topk(k, dim=1)  # (n, K)
+            parent = flat_index // vocab_size  # (n, K)
+            next_words = flat_index % vocab_size  # (n, K)
 
-            rows = (batch_base + parent).view(-1)  # (B*K,) parents' rows in the flat batch
+            rows = (torch.arange(n, device=device).unsqueeze(1) * k + parent).view(-1)  # (n*K,) parents
             sequences = torch.cat([sequences.gather(1, parent.unsqueeze(2).expand(-1, -1, t)),
-                                   next_words.unsqueeze(2)], dim=2)  # (B, K, t+1)
+                                   next_words.unsqueeze(2)], dim=2)  # (n, K, t+1)
             if return_alphas:
-                parent_alphas = alpha_history.gather(
-                    1, parent.view(batch_size, k, 1, 1).expand(-1, -1, t, num_pixels))
-                alpha_history = torch.cat(
-                    [parent_alphas, alpha.view(batch_size, k, 1, num_pixels)[
-                        torch.arange(batch_size, device=device).unsqueeze(1), parent]], dim=2)
-            finished = finished.gather(1, parent) | (next_words == end_token)  # (B, K)
+                parent_alphas = alpha_history.gather(1, parent.view(n, k, 1, 1).expand(-1, -1, t, num_pixels))
+                new_alphas = alpha[rows].view(n, k, 1, num_pixels)  # each beam's parent's map
+                alpha_history = torch.cat([parent_alphas, new_alphas], dim=2)  # (n, K, t+1, P)
+            finished = finished.gather(1, parent) | (next_words == end_token)  # (n, K)
             h, c, words = h[rows], c[rows], next_words.view(-1)
-            if (t + 1) % check_every == 0 and bool(finished.all()):
-                break
 
-        # Prefer finished beams; among them (or among all, when none finished) the best score.
-        ranked = torch.where(finished, beam_scores, beam_scores - 1e9)  # (B, K)
-        best = ranked.argmax(dim=1)  # (B,)
-        best_sequences = sequences[torch.arange(batch_size, device=device), best].tolist()
-        tokens = []
-        lengths = []
-        for seq in best_sequences:
+            if (t + 1) % check_every == 0:
+                done = finished.all(dim=1)  # (n,)
+                done_list = done.tolist()
+                if not any(done_list):
+                    continue
+                self._keep_best(tokens, alphas, images[done], sequences[done], alpha_history[done],
+                                beam_scores[done], finished[done], end_token, return_alphas)
+                if all(done_list):
+                    break
+                live = (~done).nonzero().squeeze(1)  # (n',)
+                live_rows = (live.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)  # (n'*K,)
+                images, encoder_out, encoder_proj = images[live], encoder_out[live], encoder_proj[live]
+                beam_scores, finished, sequences = beam_scores[live], finished[live], sequences[live]
+                alpha_history = alpha_history[live]
+                h, c, words = h[live_rows], c[live_rows], words[live_rows]
+        else:  # max_steps reached: the images still decoding end here
+            self._keep_best(tokens, alphas, images, sequences, alpha_history, beam_scores, finished,
+                            end_token, return_alphas)
+        return (tokens, alphas) if return_alphas else tokens
+
+    @staticmethod
+    def _keep_best(tokens, alphas, images, sequences, alpha_history, beam_scores, finished, end_token,
+                   return_alphas):
+        """Write the best beam of each of the given images into tokens[i] (and alphas[i]): the
+        best finished beam, or the best of all when none finished.
+
+        images (m,) their indices; sequences (m, K, t); alpha_history (m, K, t, P); beam_scores
+        and finished (m, K).
+        """
+        ranked = torch.where(finished, beam_scores, beam_scores - 1e9)  # (m, K)
+        best = ranked.argmax(dim=1)  # (m,)
+        rows = torch.arange(best.shape[0], device=best.device)
+        best_alphas = alpha_history[rows, best] if return_alphas else None  # (m, t, P)
+        for i, (image, seq) in enumerate(zip(images.tolist(), sequences[rows, best].tolist())):
             length = seq.index(end_token) if end_token in seq else len(seq)
-            tokens.append(seq[:length])
-            lengths.append(length)
-        if not return_alphas:
-            return tokens
-        best_alphas = alpha_history[torch.arange(batch_size, device=device), best]  # (B, t, P)
-        # Keep the maps of the words returned; the <end> step's map is dropped with the word.
-        return tokens, [best_alphas[i, :n].cpu() for i, n in enumerate(lengths)]
+            tokens[image] = seq[:length]
+            if return_alphas:
+                # Keep the maps of the words returned; the <end> step's map is dropped with the word.
+                alphas[image] = best_alphas[i, :length].cpu()
 
     @torch.no_grad()
     def greedy_decode(self, encoder_out, start_token, end_token, max_steps=50, return_alphas=False):

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+import models
 import utils
 from datasets import CaptionDataset
 
@@ -41,6 +42,43 @@ def test_batched_beam_search_equals_one_image_at_a_time(trained, beam_size):
                                          return_alphas=True)
     single_tokens, single_alphas = decode_one_by_one(decoder, features, start, end, beam_size=beam_size,
                                                      max_steps=MAX_STEPS)
+    assert tokens == single_tokens
+    for a, b in zip(alphas, single_alphas):
+        torch.testing.assert_close(a, b)
+
+
+def untrained_decoder_of_mixed_lengths():
+    """A random tiny decoder and 24 feature maps (9 x 16) whose beam-3 captions end after 0 to 4
+    words for some images and run to any max_steps for the others (<start> 28, <end> 29)."""
+    torch.manual_seed(0)
+    decoder = models.DecoderWithAttention(vocab_size=30, encoder_dim=16, attention_dim=8, embed_dim=6,
+                                          decoder_dim=10, dropout=0.0).eval()
+    with torch.no_grad():
+        decoder.fc.weight.mul_(10)  # confident words, so that some images end at once
+    return decoder, torch.randn(24, 9, 16) * 3
+
+
+@pytest.mark.parametrize("check_every", [1, 3])  # 1 on a CPU; a GPU looks every few steps
+def test_images_leave_the_batch_when_done_and_decode_as_alone(monkeypatch, check_every):
+    decoder, features = untrained_decoder_of_mixed_lengths()
+    monkeypatch.setattr(models, "done_check_interval", lambda device: check_every)
+    batch_sizes = []
+    step = decoder.step
+
+    def recording_step(encoder_out, *args):
+        batch_sizes.append(encoder_out.shape[0])
+        return step(encoder_out, *args)
+
+    monkeypatch.setattr(decoder, "step", recording_step)
+    tokens, alphas = decoder.beam_search(features, 28, 29, beam_size=3, max_steps=15, return_alphas=True)
+    monkeypatch.undo()
+    lengths = [len(t) for t in tokens]
+    assert min(lengths) < 5 and max(lengths) == 15  # some images left early, others decoded on
+    assert batch_sizes[0] == 24 and batch_sizes == sorted(batch_sizes, reverse=True)
+    assert lengths.count(15) <= batch_sizes[-1] < 24  # an image leaves once all its beams ended
+    changes = [t for t in range(1, len(batch_sizes)) if batch_sizes[t] != batch_sizes[t - 1]]
+    assert changes and all(t % check_every == 0 for t in changes)  # images leave only when it looks
+    single_tokens, single_alphas = decode_one_by_one(decoder, features, 28, 29, beam_size=3, max_steps=15)
     assert tokens == single_tokens
     for a, b in zip(alphas, single_alphas):
         torch.testing.assert_close(a, b)
