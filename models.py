@@ -166,9 +166,12 @@ class Attention(nn.Module):
         autograd keeps every chunk's sum for the backward, so the sums stay out of cache anyway.
         """
         if torch.is_grad_enabled():
-            return self.full_att(_relu_sum(encoder_proj, hidden_proj)).squeeze(3)
-        return torch.cat([self.full_att(_relu_sum(encoder_proj[chunk], hidden_proj[chunk])).squeeze(3)
-                          for chunk in _image_chunks(encoder_proj, hidden_proj.shape[1])])
+            chunks = [slice(None)]
+        else:
+            chunks = _image_chunks(encoder_proj, hidden_proj.shape[1])
+        scores = [self.full_att(_relu_sum(encoder_proj[chunk], hidden_proj[chunk])).squeeze(3)
+                  for chunk in chunks]  # (n, K, P) each
+        return scores[0] if len(scores) == 1 else torch.cat(scores)
 
 
 # The (n, K, P, A) sum inside the scores is a decoding step's largest tensor (beam 5, 64 images:
@@ -446,6 +449,7 @@ class DecoderWithAttention(nn.Module):
         finished = torch.zeros(batch_size, k, dtype=torch.bool, device=device)  # (n, K)
         sequences = torch.empty(batch_size, k, 0, dtype=torch.long, device=device)  # (n, K, t)
         alpha_history = encoder_out.new_empty(batch_size, k, 0, num_pixels)  # (n, K, t, P)
+        first_rows = torch.arange(batch_size, device=device).unsqueeze(1) * k  # (B, 1) each image's first row
         tokens, alphas = [None] * batch_size, [None] * batch_size  # filled as images leave
         check_every = done_check_interval(device)
 
@@ -462,7 +466,7 @@ class DecoderWithAttention(nn.Module):
             parent = flat_index // vocab_size  # (n, K)
             next_words = flat_index % vocab_size  # (n, K)
 
-            rows = (torch.arange(n, device=device).unsqueeze(1) * k + parent).view(-1)  # (n*K,) parents
+            rows = (first_rows[:n] + parent).view(-1)  # (n*K,) the parents' rows
             sequences = torch.cat([sequences.gather(1, parent.unsqueeze(2).expand(-1, -1, t)),
                                    next_words.unsqueeze(2)], dim=2)  # (n, K, t+1)
             if return_alphas:
@@ -482,7 +486,7 @@ class DecoderWithAttention(nn.Module):
                 if all(done_list):
                     break
                 live = (~done).nonzero().squeeze(1)  # (n',)
-                live_rows = (live.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)  # (n'*K,)
+                live_rows = (first_rows[live] + torch.arange(k, device=device)).view(-1)  # (n'*K,)
                 images, encoder_out, encoder_proj = images[live], encoder_out[live], encoder_proj[live]
                 beam_scores, finished, sequences = beam_scores[live], finished[live], sequences[live]
                 alpha_history = alpha_history[live]
