@@ -361,8 +361,7 @@ def section_training(spec):
     encoder, decoder = build_models(vars(args), VOCAB)
     encoder.to(device)
     decoder.to(device)
-    if device.type == "cuda":
-        encoder.to(memory_format=torch.channels_last)
+    encoder.to(memory_format=torch.channels_last)
     # As train.py builds them.
     encoder_params = [p for p in encoder.parameters() if p.requires_grad]
     optimizers = [torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)]
