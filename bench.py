@@ -361,7 +361,6 @@ def section_training(spec):
     encoder, decoder = build_models(vars(args), VOCAB)
     encoder.to(device)
     decoder.to(device)
-    encoder.to(memory_format=torch.channels_last)
     # As train.py builds them.
     encoder_params = [p for p in encoder.parameters() if p.requires_grad]
     optimizers = [torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)]

@@ -95,7 +95,6 @@ def caption_image(encoder, decoder, word_map, path, image_size, beam_size, max_s
     """Caption one image file; returns (words, attention maps (len(words), P), uint8 pixels)."""
     pixels = load_image(path, image_size)  # (3, S, S) uint8
     images = normalize_images(torch.from_numpy(pixels)).unsqueeze(0).to(device)  # (1, 3, S, S)
-    images = images.contiguous(memory_format=torch.channels_last)  # as the encoder's weights
     tokens, alphas = decoder.beam_search(encoder(images), word_map["<start>"], word_map["<end>"],
                                          beam_size=beam_size, max_steps=max_steps, return_alphas=True)
     rev_word_map = {v: k for k, v in word_map.items()}
@@ -109,7 +108,6 @@ def main(argv=None):
     keep_freed_memory(device)
     images = list_images(args.img)
     encoder, decoder, state = models_from_checkpoint(args.checkpoint, device)
-    encoder.to(memory_format=torch.channels_last)  # the layout train.py and eval.py use
     boxes = known_objects(args.data_folder) if args.data_folder else {}
     if args.out is not None and args.img.is_dir() and args.out.suffix:
         raise UserError(f"{args.out}: --img is a folder, so --out must be a folder too")

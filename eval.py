@@ -63,7 +63,7 @@ def decode_split(encoder, decoder, dataset, word_map, beam_size, max_steps, batc
     hypotheses, references, alphas = [], [], []
     for images, captions, lengths, _ in tqdm(loader, desc=f"decoding (beam {beam_size})", unit="batch",
                                              file=sys.stderr, disable=not show_progress):
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = images.to(device, non_blocking=True)
         result = decoder.beam_search(encoder(images), word_map["<start>"], word_map["<end>"],
                                      beam_size=beam_size, max_steps=max_steps, return_alphas=return_alphas)
         tokens, maps = result if return_alphas else (result, [None] * len(result))
@@ -145,7 +145,6 @@ def main(argv=None):
     keep_freed_memory(device)
     encoder, decoder, state = models_from_checkpoint(args.checkpoint, device)
     check_word_maps_match(state["word_map"], args.data_folder, args.checkpoint)
-    encoder.to(memory_format=torch.channels_last)  # faster convolutions, on a CPU too
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # packed images have one size: cuDNN picks its fastest kernels
     metrics, captions = evaluate(encoder, decoder, state["word_map"], args.data_folder, args.split,

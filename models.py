@@ -100,6 +100,9 @@ class Encoder(nn.Module):
         self.encoder_dim = encoder_dim_for(arch, cut_after)
         self.random_init = not (pretrained or weights_path)
         self.set_fine_tuning(fine_tune)
+        # channels_last: faster convolutions on GPUs and, through oneDNN, on CPUs too (README:
+        # Performance). Moving the module to a device or loading weights keeps the layout.
+        self.to(memory_format=torch.channels_last)
 
     def set_fine_tuning(self, fine_tune):
         """Freeze the encoder, or unfreeze conv blocks 2-4 (all of it when randomly initialised)."""
@@ -119,6 +122,7 @@ class Encoder(nn.Module):
 
     def forward(self, images):
         """images: (B, 3, H, W) float, ImageNet-normalised -> (B, P, E) features, P = encoded_size**2."""
+        images = images.contiguous(memory_format=torch.channels_last)  # the weights' layout
         features = self.pool(self.resnet(images))  # (B, E, S, S)
         return features.flatten(2).transpose(1, 2)  # (B, P, E)
 

@@ -225,7 +225,7 @@ def train_one_epoch(encoder, decoder, loader, optimizers, scaler, args, device, 
                     disable=not show_progress, dynamic_ncols=True)
     first_step = samples_done // (args.batch_size * world_size)  # > 0 when resumed mid-epoch
     for step, (images, captions, lengths) in enumerate(progress, start=first_step):
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = images.to(device, non_blocking=True)
         captions = captions.to(device, non_blocking=True)
         lengths = lengths.to(device, non_blocking=True)
 
@@ -285,7 +285,7 @@ def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size
     word_loss_sum = penalty_sum = num_captions = words = correct = 0.0
     decoded, references = [], {}
     for images, captions, lengths, indices in loader:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = images.to(device, non_blocking=True)
         batch, per_image, length = captions.shape
         flat_captions = captions.view(batch * per_image, length).to(device)  # (B*C, L)
         flat_lengths = lengths.view(-1).to(device)  # (B*C,)
@@ -402,8 +402,6 @@ def _train(args, rank, world_size, device):
         torch.manual_seed(args.seed + rank)
     encoder.to(device)
     decoder.to(device)
-    # channels_last: faster convolutions on GPUs and on CPUs alike (bench.py, README: Performance).
-    encoder.to(memory_format=torch.channels_last)
 
     encoder_params = [p for p in encoder.parameters() if p.requires_grad]
     decoder_optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
