@@ -202,10 +202,51 @@ def _relu_sum(encoder_proj, hidden_proj):
     return (encoder_proj.unsqueeze(1) + hidden_proj.unsqueeze(2)).relu_()
 
 
-def done_check_interval(device):
-    """Steps between beam search's looks for images that are done. Looking reads a tensor on the
-    host; on a GPU that stalls the device, so it looks every 8 steps instead of every step."""
-    return 1 if device.type == "cpu" else 8
+def done_check_schedule(device):
+    """How beam search looks for images that are done: (steps between looks, lagged).
+
+    A look reads device flags on the host. On a CPU that costs nothing: it looks every step and acts
+    at once. On a GPU a read would make the host wait for the device, so every 8 steps the flags are
+    copied to the host in the background and acted on at a later look, once they have arrived
+    (lagged): an image leaves some steps after it is done, and the step loop never waits. Acting
+    on older flags is sound because a done image stays done: its beams only extend by <end>.
+    """
+    return (1, False) if device.type == "cpu" else (8, True)
+
+
+class _DoneLooks:
+    """Beam search's looks at which images are done, on the host (see done_check_schedule)."""
+
+    def __init__(self, device):
+        self.every, self.lagged = done_check_schedule(device)
+        self.in_flight = None  # (flags on their way to the host, CUDA event or None, rows kept since)
+
+    def look(self, done):
+        """done: (n,) bool on the device, for the batch as it is now. Returns the done flags (n,) on
+        the host for the batch as it is now: these (not lagged), an earlier look's once arrived
+        (lagged), or None while none have."""
+        if not self.lagged:
+            return done.cpu()
+        arrived = None
+        if self.in_flight is not None:
+            flags, event, kept = self.in_flight
+            if event is None or event.query():  # query() asks without waiting
+                arrived = flags if kept is None else flags[kept]
+                self.in_flight = None
+        if self.in_flight is None:
+            flags, event = done.to("cpu", non_blocking=True), None  # into pinned memory on CUDA
+            if done.is_cuda:
+                event = torch.cuda.Event()
+                event.record()
+            self.in_flight = (flags, event, None)
+        return arrived
+
+    def keep(self, rows):
+        """The batch keeps only `rows` (host long tensor): so do the flags in flight. Called after a
+        look that returned flags, which (lagged) leaves in flight a copy of the batch before that."""
+        if self.in_flight is not None:
+            flags, event, _ = self.in_flight
+            self.in_flight = (flags, event, rows)
 
 
 class _RecurrentLinearFunction(torch.autograd.Function):
@@ -439,13 +480,29 @@ class DecoderWithAttention(nn.Module):
             tokens: list of B lists of word indices, without `<start>` and `<end>`.
             alphas (only with return_alphas): list of B float tensors (len(tokens[i]), P).
         """
+        # The step loop never waits for the device; the captions are read once, after it.
+        tokens, alphas = [None] * encoder_out.shape[0], [None] * encoder_out.shape[0]
+        for images, sequences, group_alphas in self._beam_search_steps(
+                encoder_out, start_token, end_token, beam_size, max_steps, return_alphas):
+            group_alphas = group_alphas.cpu() if return_alphas else None  # (m, t, P), one copy per group
+            for i, (image, seq) in enumerate(zip(images.tolist(), sequences.tolist())):
+                length = seq.index(end_token) if end_token in seq else len(seq)
+                tokens[image] = seq[:length]
+                if return_alphas:
+                    # The maps of the words returned; the <end> step's map is dropped with the word.
+                    alphas[image] = group_alphas[i, :length]
+        return (tokens, alphas) if return_alphas else tokens
+
+    def _beam_search_steps(self, encoder_out, start_token, end_token, k, max_steps, return_alphas):
+        """beam_search's step loop. Returns a list of (image indices (m,) on the host, their best
+        beams (m, t) and those beams' maps (m, t, P) or None, on the device), a group of images
+        each time some leave the batch."""
         batch_size, num_pixels, _ = encoder_out.shape
-        k = beam_size
         device = encoder_out.device
         encoder_proj, h, c, maps = self._decode_setup(encoder_out, k)
 
         # The state of the n images still decoding, their beams consecutive in the flat (n*K) rows.
-        images = torch.arange(batch_size, device=device)  # (n,) their indices in encoder_out
+        images = torch.arange(batch_size)  # (n,) on the host: their indices in encoder_out
         words = torch.full((batch_size * k,), start_token, dtype=torch.long, device=device)  # (n*K,)
         # Only beam 0 is live at first, so the K beams do not start as K copies of one hypothesis.
         beam_scores = torch.full((batch_size, k), -math.inf, device=device)  # (n, K)
@@ -454,8 +511,8 @@ class DecoderWithAttention(nn.Module):
         sequences = torch.empty(batch_size, k, 0, dtype=torch.long, device=device)  # (n, K, t)
         alpha_history = encoder_out.new_empty(batch_size, k, 0, num_pixels)  # (n, K, t, P)
         first_rows = torch.arange(batch_size, device=device).unsqueeze(1) * k  # (B, 1) each image's first row
-        tokens, alphas = [None] * batch_size, [None] * batch_size  # filled as images leave
-        check_every = done_check_interval(device)
+        looks = _DoneLooks(device)
+        results = []
 
         for t in range(max_steps):
             n = images.shape[0]
@@ -480,45 +537,40 @@ class DecoderWithAttention(nn.Module):
             finished = finished.gather(1, parent) | (next_words == end_token)  # (n, K)
             h, c, words = h[rows], c[rows], next_words.view(-1)
 
-            if (t + 1) % check_every == 0:
-                done = finished.all(dim=1)  # (n,)
-                done_list = done.tolist()
-                if not any(done_list):
-                    continue
-                self._keep_best(tokens, alphas, images[done], sequences[done], alpha_history[done],
-                                beam_scores[done], finished[done], end_token, return_alphas)
-                if all(done_list):
-                    break
-                live = (~done).nonzero().squeeze(1)  # (n',)
-                live_rows = (first_rows[live] + torch.arange(k, device=device)).view(-1)  # (n'*K,)
-                images, encoder_out, encoder_proj = images[live], encoder_out[live], encoder_proj[live]
-                beam_scores, finished, sequences = beam_scores[live], finished[live], sequences[live]
-                alpha_history = alpha_history[live]
-                h, c, words = h[live_rows], c[live_rows], words[live_rows]
-        else:  # max_steps reached: the images still decoding end here
-            self._keep_best(tokens, alphas, images, sequences, alpha_history, beam_scores, finished,
-                            end_token, return_alphas)
-        return (tokens, alphas) if return_alphas else tokens
+            if (t + 1) % looks.every:
+                continue
+            done = looks.look(finished.all(dim=1))  # (n,) on the host, or None
+            if done is None or not done.any():
+                continue
+            # Host indices go to the device without waiting for it (non_blocking).
+            leaving = done.nonzero().squeeze(1).to(device, non_blocking=True)  # (m,)
+            results.append((images[done], *self._best_beams(
+                sequences[leaving], alpha_history[leaving], beam_scores[leaving], finished[leaving], return_alphas)))
+            if done.all():
+                return results
+            live = (~done).nonzero().squeeze(1)  # (n',) on the host
+            looks.keep(live)
+            images, live = images[live], live.to(device, non_blocking=True)
+            live_rows = (first_rows[live] + torch.arange(k, device=device)).view(-1)  # (n'*K,)
+            encoder_out, encoder_proj = encoder_out[live], encoder_proj[live]
+            beam_scores, finished, sequences = beam_scores[live], finished[live], sequences[live]
+            alpha_history = alpha_history[live]
+            h, c, words = h[live_rows], c[live_rows], words[live_rows]
+        # max_steps reached: the images still decoding end here.
+        results.append((images, *self._best_beams(sequences, alpha_history, beam_scores, finished, return_alphas)))
+        return results
 
     @staticmethod
-    def _keep_best(tokens, alphas, images, sequences, alpha_history, beam_scores, finished, end_token,
-                   return_alphas):
-        """Write the best beam of each of the given images into tokens[i] (and alphas[i]): the
-        best finished beam, or the best of all when none finished.
+    def _best_beams(sequences, alpha_history, beam_scores, finished, return_alphas):
+        """The best finished beam of each of m images, or the best of all when none finished.
 
-        images (m,) their indices; sequences (m, K, t); alpha_history (m, K, t, P); beam_scores
-        and finished (m, K).
+        sequences (m, K, t); alpha_history (m, K, t, P); beam_scores and finished (m, K).
+        Returns its words (m, t) and, with return_alphas, its maps (m, t, P), else None.
         """
         ranked = torch.where(finished, beam_scores, beam_scores - 1e9)  # (m, K)
         best = ranked.argmax(dim=1)  # (m,)
         rows = torch.arange(best.shape[0], device=best.device)
-        best_alphas = alpha_history[rows, best] if return_alphas else None  # (m, t, P)
-        for i, (image, seq) in enumerate(zip(images.tolist(), sequences[rows, best].tolist())):
-            length = seq.index(end_token) if end_token in seq else len(seq)
-            tokens[image] = seq[:length]
-            if return_alphas:
-                # Keep the maps of the words returned; the <end> step's map is dropped with the word.
-                alphas[image] = best_alphas[i, :length].cpu()
+        return sequences[rows, best], (alpha_history[rows, best] if return_alphas else None)
 
     @torch.no_grad()
     def greedy_decode(self, encoder_out, start_token, end_token, max_steps=50, return_alphas=False):

@@ -16,6 +16,21 @@ TINY_MODEL = ["--encoder-arch", "resnet18", "--encoder-cut-after", "layer2", "--
               "--decoder-dim", "32", "--workers", "0", "--batch-size", "16"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="where the decoding tests run their models (cpu, cuda): `pytest tests/test_decoding.py "
+                          "--device cuda` checks the CUDA path on a GPU machine")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The torch.device of --device (default cpu)."""
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda, but torch sees no CUDA device")
+    return device
+
+
 @pytest.fixture(scope="session")
 def shapes_raw(tmp_path_factory):
     """Folder with 120 generated shapes images and their Karpathy-format JSON."""

@@ -1,5 +1,5 @@
 """Batched beam search against one image at a time, greedy decoding and its edge cases, on a trained
-tiny model."""
+tiny model. The models run on --device (default cpu; `--device cuda` on a GPU machine)."""
 import copy
 
 import pytest
@@ -13,15 +13,15 @@ MAX_STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def trained(trained_run, packed_data):
+def trained(trained_run, packed_data, device):
     """(decoder, features (N, P, E) of the val and test images, <start>, <end>) of the trained tiny model."""
-    encoder, decoder, state = utils.models_from_checkpoint(trained_run / "best.pt", torch.device("cpu"))
+    encoder, decoder, state = utils.models_from_checkpoint(trained_run / "best.pt", device)
     images = []
     for split in ("val", "test"):
         dataset = CaptionDataset(packed_data, split)
         images += [dataset[i][0] for i in range(len(dataset))]
     with torch.no_grad():
-        features = encoder(torch.stack(images))  # (N, P, E)
+        features = encoder(torch.stack(images).to(device))  # (N, P, E)
     word_map = state["word_map"]
     return decoder, features, word_map["<start>"], word_map["<end>"]
 
@@ -47,7 +47,7 @@ def test_batched_beam_search_equals_one_image_at_a_time(trained, beam_size):
         torch.testing.assert_close(a, b)
 
 
-def untrained_decoder_of_mixed_lengths():
+def untrained_decoder_of_mixed_lengths(device):
     """A random tiny decoder and 24 feature maps (9 x 16) whose beam-3 captions end after 0 to 4
     words for some images and run to any max_steps for the others (<start> 28, <end> 29)."""
     torch.manual_seed(0)
@@ -55,13 +55,25 @@ def untrained_decoder_of_mixed_lengths():
                                           decoder_dim=10, dropout=0.0).eval()
     with torch.no_grad():
         decoder.fc.weight.mul_(10)  # confident words, so that some images end at once
-    return decoder, torch.randn(24, 9, 16) * 3
+    return decoder.to(device), (torch.randn(24, 9, 16) * 3).to(device)
 
 
-@pytest.mark.parametrize("check_every", [1, 3])  # 1 on a CPU; a GPU looks every few steps
-def test_images_leave_the_batch_when_done_and_decode_as_alone(monkeypatch, check_every):
-    decoder, features = untrained_decoder_of_mixed_lengths()
-    monkeypatch.setattr(models, "done_check_interval", lambda device: check_every)
+def never_waiting_for_cuda(steps):
+    """beam_search's step loop made to raise if it makes the host wait for a CUDA device."""
+    def strict(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return steps(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return strict
+
+
+def decode_recording_batch_sizes(monkeypatch, decoder, features, schedule):
+    """beam_search (beam 3, 15 steps) with done_check_schedule patched to `schedule`; returns its
+    tokens, alphas and the number of images in each step's batch. On CUDA the step loop must never
+    make the host wait for the device."""
+    monkeypatch.setattr(models, "done_check_schedule", lambda device: schedule)
     batch_sizes = []
     step = decoder.step
 
@@ -70,14 +82,33 @@ def test_images_leave_the_batch_when_done_and_decode_as_alone(monkeypatch, check
         return step(encoder_out, *args)
 
     monkeypatch.setattr(decoder, "step", recording_step)
+    if features.is_cuda and schedule[1]:
+        monkeypatch.setattr(decoder, "_beam_search_steps", never_waiting_for_cuda(decoder._beam_search_steps))
     tokens, alphas = decoder.beam_search(features, 28, 29, beam_size=3, max_steps=15, return_alphas=True)
     monkeypatch.undo()
+    return tokens, alphas, batch_sizes
+
+
+# A CPU looks every step and acts at once; a GPU looks every few steps and acts on flags copied at an
+# earlier look (lagged). Lagged here is that bookkeeping on the CPU: the flags arrive by the next look.
+@pytest.mark.parametrize("check_every, lagged", [(1, False), (3, False), (1, True), (3, True)])
+def test_images_leave_the_batch_when_done_and_decode_as_alone(monkeypatch, device, check_every, lagged):
+    decoder, features = untrained_decoder_of_mixed_lengths(device)
+    tokens, alphas, batch_sizes = decode_recording_batch_sizes(monkeypatch, decoder, features,
+                                                               (check_every, lagged))
     lengths = [len(t) for t in tokens]
     assert min(lengths) < 5 and max(lengths) == 15  # some images left early, others decoded on
     assert batch_sizes[0] == 24 and batch_sizes == sorted(batch_sizes, reverse=True)
     assert lengths.count(15) <= batch_sizes[-1] < 24  # an image leaves once all its beams ended
     changes = [t for t in range(1, len(batch_sizes)) if batch_sizes[t] != batch_sizes[t - 1]]
     assert changes and all(t % check_every == 0 for t in changes)  # images leave only when it looks
+    if lagged:  # the first images leave one look later than when acted on at once
+        at_once = decode_recording_batch_sizes(monkeypatch, decoder, features, (check_every, False))[2]
+        first_change_at_once = next(t for t in range(1, len(at_once)) if at_once[t] != at_once[t - 1])
+        if device.type == "cpu":
+            assert changes[0] == first_change_at_once + check_every
+        else:  # or later, if the device had not caught up by then
+            assert changes[0] >= first_change_at_once + check_every
     single_tokens, single_alphas = decode_one_by_one(decoder, features, 28, 29, beam_size=3, max_steps=15)
     assert tokens == single_tokens
     for a, b in zip(alphas, single_alphas):
