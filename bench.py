@@ -12,7 +12,8 @@ training steps), with random weights, which take as long as trained ones. What r
      512/512/512, --no-pretrained), frozen and fine-tuned, fed by the real CaptionDataset and
      DataLoader (--workers 2) over a set packed here at 256x256; hooks on the modules split each step;
   3. decoding: DecoderWithAttention.beam_search from features (the encoder is not timed) at beam
-     1, 3 and 5, 64 images per call against one image per call, for a fixed number of steps;
+     1, 3 and 5, 64 images per call against one image per call, for a fixed number of steps; on
+     CUDA also how often one call makes the host wait for the GPU (torch.cuda.set_sync_debug_mode);
   4. the decoder's precomputed attention projection against `StepLoopProjectionDecoder`, the same
      model with that projection computed inside the step loop (forward+backward);
   5. peak memory of each, in one more untimed run: the RSS high-water mark of the process on CPU
@@ -20,7 +21,7 @@ training steps), with random weights, which take as long as trained ones. What r
      processes); torch.cuda.max_memory_allocated on CUDA.
 Each section runs in a fresh Python process, so one section's memory does not count in another's.
 The table is printed as markdown; everything, with the machine, goes to
-runs/bench_<device>[_quick][_default_malloc].json.
+runs/bench_<device>[_<amp>][_quick][_<sections>][_default_malloc].json.
 """
 
 import argparse
@@ -35,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 from statistics import median
 
@@ -75,11 +78,17 @@ def parse_args(argv=None):
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc settings as they are instead of calling "
                              "utils.keep_freed_memory as train.py and eval.py do on the CPU: what it gains")
+    parser.add_argument("--sections", type=lambda text: text.split(","), default=list(SECTIONS),
+                        help="the sections to run, comma-separated (default all: packing,training,decoding,ablation); "
+                             "packing runs on the CPU whatever --device says")
     parser.add_argument("--json", type=Path, default=None,
-                        help="where the results go as JSON "
-                             "(default runs/bench_<device>[_quick][_default_malloc].json)")
+                        help="where the results go as JSON (default runs/bench_<device>[_<amp>][_quick]"
+                             "[_<sections>][_default_malloc].json)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one section
     args = parser.parse_args(argv)
+    unknown = [name for name in args.sections if name not in SECTIONS]
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from {','.join(SECTIONS)}")
     if args.repeats is not None and args.repeats < 3:
         parser.error("--repeats must be at least 3 (every figure is a median)")
     return args
@@ -349,6 +358,22 @@ class StepTimer:
         })
 
 
+def calibrate_batchnorm(encoder, images):
+    """Give a random encoder's BatchNorm layers running statistics from one batch, as a pretrained
+    encoder's layers have. At their initial values (mean 0, variance 1) the frozen random ResNet-101
+    amplifies its activations block after block, past fp16's range: the loss is NaN at step 0."""
+    layers = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a plain average over the batches seen: here the one batch
+        layer.train()
+    with torch.no_grad():
+        encoder(images)
+    for layer in layers:
+        layer.momentum = 0.1  # torch's default again
+    encoder.train(encoder.training)  # frozen blocks back to eval mode
+
+
 def section_training(spec):
     """Captions/s of train.train_one_epoch with the default model, split into its parts."""
     device = torch.device(spec["device"])
@@ -372,6 +397,7 @@ def section_training(spec):
                         pin_memory=device.type == "cuda", worker_init_fn=train._worker_init,
                         persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(0))
     trainable = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    calibrate_batchnorm(encoder, torch.stack([dataset[i][0] for i in range(BATCH_SIZE)]).to(device))
     timer = StepTimer(device, encoder, decoder, trainable)
     warmup = spec["warmup_steps"]
     steps = warmup + spec["repeats"]
@@ -429,7 +455,25 @@ def section_decoding(spec):
         batched, single = (next(r for r in results if r["beam"] == beam and r["mode"] == m)
                            for m in ("batched", "single"))
         batched["speedup_over_single"] = batched["images_per_s"] / single["images_per_s"]
-    return {"runs": results}
+    section = {"runs": results}
+    if device.type == "cuda":  # beam 5, batched: the step loop alone, then the whole call
+        section["host_waits"] = {
+            "step_loop": host_waits(lambda: decoder._beam_search_steps(features, START, END, 5, steps, True)),
+            "beam_search": host_waits(lambda: decoder.beam_search(features, START, END, 5, steps, True))}
+    return section
+
+
+def host_waits(fn):
+    """How many times fn makes the host wait for the CUDA device, as torch.cuda.set_sync_debug_mode
+    counts them (one warning per synchronising call)."""
+    torch.cuda.set_sync_debug_mode("warn")  # outside the count: switching it on warns once itself
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("called a synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,7 +582,14 @@ def run_child(spec):
     if not spec["default_malloc"]:
         keep_freed_memory(torch.device(spec.get("device", "cpu")))  # as train.py, eval.py and caption.py do
     rss_after_imports = current_rss_mib()
-    result = SECTIONS[spec["section"]](spec)
+    try:
+        result = SECTIONS[spec["section"]](spec)
+    except BaseException:
+        # Exit at once: on CUDA a failed training section was seen to hang at interpreter exit,
+        # joining DataLoader workers that its traceback's frames still held.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     result["rss_after_imports_mib"] = rss_after_imports
     print("BENCH_RESULT " + json.dumps(result))
 
@@ -584,55 +635,52 @@ def machine_info(device, amp):
 
 
 def targets(results):
-    """Issue 3's targets: the measured figure, what is wanted, and whether it is met."""
-    frozen = next(t for t in results["training"] if not t["fine_tune"])
-    beam5 = next(r for r in results["decoding"]["runs"] if r["beam"] == 5 and r["mode"] == "batched")
-    figures = {
-        "packing speed-up over the plain loop": (results["packing"]["speedup"], ">= 3", lambda x: x >= 3),
-        "data time / step time, frozen encoder": (frozen["data_fraction"], "< 0.1", lambda x: x < 0.1),
-        "beam 5 batched / one at a time": (beam5["speedup_over_single"], ">= 10", lambda x: x >= 10),
-        "decoder precompute speed-up": (results["ablation"]["speedup"], ">= 4", lambda x: x >= 4),
-    }
+    """Issue 3's targets among the sections run: the measured figure, what is wanted, and whether it is met."""
+    figures = {}
+    if "packing" in results:
+        figures["packing speed-up over the plain loop"] = (results["packing"]["speedup"], ">= 3", lambda x: x >= 3)
+    if "training" in results:
+        frozen = next(t for t in results["training"] if not t["fine_tune"])
+        figures["data time / step time, frozen encoder"] = (frozen["data_fraction"], "< 0.1", lambda x: x < 0.1)
+    if "decoding" in results:
+        beam5 = next(r for r in results["decoding"]["runs"] if r["beam"] == 5 and r["mode"] == "batched")
+        figures["beam 5 batched / one at a time"] = (beam5["speedup_over_single"], ">= 10", lambda x: x >= 10)
+    if "ablation" in results:
+        figures["decoder precompute speed-up"] = (results["ablation"]["speedup"], ">= 4", lambda x: x >= 4)
     return {name: {"measured": value, "wanted": wanted, "met": bool(ok(value))}
             for name, (value, wanted, ok) in figures.items()}
 
 
-def markdown(results):
-    """The results as markdown tables for the README."""
-    m, mem = results["machine"], results["memory_method"]
-    lines = [f"Measured {m['date'][:10]} on {m['cpu']} ({m['cpu_cores']} cores"
-             + (f", {m['gpu']}" if "gpu" in m else "") + f"), torch {m['torch']}, device {m['device']}"
-             + (f", load average {m['load_average_at_start'][0]} at start" if "load_average_at_start" in m else "")
-             + f"; medians of {results['repeats']} runs"
-             + ("; glibc malloc defaults (--default-malloc)" if results["settings"]["default_malloc"] else "")
-             + f". Memory: {mem}"
-             + (f"; a process holds {results['packing']['rss_after_imports_mib']:.0f} MiB once Python, torch and "
-                "this repo's modules are imported" if results["packing"].get("rss_after_imports_mib") else "")
-             + ".", ""]
-    p = results["packing"]
-    lines += ["| Packing: 640x480 JPEG -> 256x256 | images/s | peak memory (MiB) |", "|---|---:|---:|",
-              f"| `baseline_plain_open_resize` (1 process, full decode) | {p['plain']['images_per_s']:.0f} "
-              f"| {p['plain']['peak_memory_mib']:.0f} |",
-              f"| `create_input_files.decode_images` (draft mode, --workers {p['workers']}) | "
-              f"{p['real']['images_per_s']:.0f} | {p['real']['peak_memory_mib']:.0f} (+ workers) |",
-              f"| speed-up; mean absolute pixel difference (0-255) | **{p['speedup']:.1f}x** | "
-              f"{p['mean_abs_pixel_difference']:.2f} |", ""]
-    lines += ["| Training, batch 32, ResNet-101 14x14, 512/512/512 | captions/s | data | encoder fwd "
-              "| decoder fwd+bwd | encoder bwd | optimiser (+ grad checks, clipping) | peak memory (MiB) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for t in results["training"]:
+def packing_table(p):
+    return ["| Packing: 640x480 JPEG -> 256x256 | images/s | peak memory (MiB) |", "|---|---:|---:|",
+            f"| `baseline_plain_open_resize` (1 process, full decode) | {p['plain']['images_per_s']:.0f} "
+            f"| {p['plain']['peak_memory_mib']:.0f} |",
+            f"| `create_input_files.decode_images` (draft mode, --workers {p['workers']}) | "
+            f"{p['real']['images_per_s']:.0f} | {p['real']['peak_memory_mib']:.0f} (+ workers) |",
+            f"| speed-up; mean absolute pixel difference (0-255) | **{p['speedup']:.1f}x** | "
+            f"{p['mean_abs_pixel_difference']:.2f} |"]
+
+
+def training_table(training):
+    lines = ["| Training, batch 32, ResNet-101 14x14, 512/512/512 | captions/s | data | encoder fwd "
+             "| decoder fwd+bwd | encoder bwd | optimiser (+ grad checks, clipping) | peak memory (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in training:
         s = t["median_seconds"]
         share = lambda k: f"{1000 * s[k]:.0f} ms ({100 * s[k] / s['step']:.0f}%)"  # noqa: E731
         setting = "fine-tuned encoder" if t["fine_tune"] else "frozen encoder"
-        lines.append(f"| {setting} (--workers {t['workers']}) "
+        lines.append(f"| {setting} (--workers {t['workers']}{', --amp ' + t['amp'] if t['amp'] != 'none' else ''}) "
                      f"| {t['captions_per_s']:.1f} | {share('data')} | {share('encoder_forward')} "
                      f"| {share('decoder_forward_backward')} | {share('encoder_backward')} | {share('optimiser')} "
                      f"| {t['peak_memory_mib']:.0f} |")
-    runs = results["decoding"]["runs"]
+    return lines
+
+
+def decoding_table(decoding):
+    runs = decoding["runs"]
     steps = runs[0]["steps"]
-    lines += ["", f"| Beam search from features (encoder not timed), {steps} steps, images/s "
-                  "| beam 1 | beam 3 | beam 5 |",
-              "|---|---:|---:|---:|"]
+    lines = [f"| Beam search from features (encoder not timed), {steps} steps, images/s | beam 1 | beam 3 | beam 5 |",
+             "|---|---:|---:|---:|"]
     for mode, label in (("batched", f"{DECODE_BATCH} images per call"), ("single", "1 image per call")):
         row = [r for r in runs if r["mode"] == mode]
         lines.append(f"| {label} | " + " | ".join(f"{r['images_per_s']:.2f}" for r in row) + " |")
@@ -642,14 +690,45 @@ def markdown(results):
     lines.append("| peak memory, batched / single (MiB) | " + " | ".join(
         f"{r['peak_memory_mib']:.0f} / {s['peak_memory_mib']:.0f}"
         for r, s in zip(batched, [r for r in runs if r["mode"] == "single"])) + " |")
-    a = results["ablation"]
-    lines += ["", "| Decoder forward+backward, batch 32, 14x14x2048 features | ms | captions/s | peak memory (MiB) |",
-              "|---|---:|---:|---:|"]
+    if "host_waits" in decoding:
+        waits = decoding["host_waits"]
+        lines += ["", f"Host waits for the GPU in one batched beam-5 call ({steps} steps), counted by "
+                      f"torch.cuda.set_sync_debug_mode: **{waits['step_loop']} in the step loop**, "
+                      f"{waits['beam_search']} in the whole call (reading the captions out after the loop)."]
+    return lines
+
+
+def ablation_table(a):
+    lines = ["| Decoder forward+backward, batch 32, 14x14x2048 features | ms | captions/s | peak memory (MiB) |",
+             "|---|---:|---:|---:|"]
     for name, label in (("real", "`DecoderWithAttention` (projection once per batch)"),
                         ("baseline", "`StepLoopProjectionDecoder` (projection at every step)")):
         lines.append(f"| {label} | {1000 * a[name]['median_seconds']:.0f} | {a[name]['captions_per_s']:.0f} "
                      f"| {a[name]['peak_memory_mib']:.0f} |")
     lines.append(f"| speed-up (same weights, same loss: {a['same_loss']}) | **{a['speedup']:.1f}x** | | |")
+    return lines
+
+
+TABLES = {"packing": packing_table, "training": training_table, "decoding": decoding_table,
+          "ablation": ablation_table}
+
+
+def markdown(results):
+    """The results as markdown tables for the README."""
+    m, mem = results["machine"], results["memory_method"]
+    rss = results.get("packing", {}).get("rss_after_imports_mib")
+    lines = [f"Measured {m['date'][:10]} on {m['cpu']} ({m['cpu_cores']} cores"
+             + (f", {m['gpu']}" if "gpu" in m else "") + f"), torch {m['torch']}, device {m['device']}"
+             + (f", load average {m['load_average_at_start'][0]} at start" if "load_average_at_start" in m else "")
+             + f"; medians of {results['repeats']} runs"
+             + ("; glibc malloc defaults (--default-malloc)" if results["settings"]["default_malloc"] else "")
+             + f". Memory: {mem}"
+             + (f"; a process holds {rss:.0f} MiB once Python, torch and this repo's modules are imported"
+                if rss else "")
+             + "."]
+    for name, table in TABLES.items():
+        if name in results:
+            lines += [""] + table(results[name])
     return "\n".join(lines)
 
 
@@ -673,23 +752,31 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         tmp = Path(tmp)
         (tmp / "jpegs").mkdir()
-        paths = make_jpegs(tmp / "jpegs", sizes["pack_images"])
-        results["packing"] = run_section("packing", paths=[str(p) for p in paths], workers=2, repeats=repeats)
-        pack_training_set(paths[:sizes["train_images"]], tmp / "packed")
-        results["training"] = [
-            run_section("training", device=args.device, amp=args.amp, fine_tune=fine_tune, workers=2,
-                        repeats=repeats, warmup_steps=sizes["train_warmup_steps"],
-                        data_folder=str(tmp / "packed"), tmp=str(tmp / "run"))
-            for fine_tune in (False, True)]
-    results["decoding"] = run_section("decoding", device=args.device, steps=sizes["decode_steps"],
-                                      single_images=sizes["single_images"], repeats=repeats)
-    results["ablation"] = run_section("ablation", device=args.device, repeats=repeats)
+        if {"packing", "training"} & set(args.sections):
+            paths = make_jpegs(tmp / "jpegs", max(sizes["pack_images"] if "packing" in args.sections else 0,
+                                                  sizes["train_images"]))
+        if "packing" in args.sections:
+            results["packing"] = run_section("packing", paths=[str(p) for p in paths], workers=2, repeats=repeats)
+        if "training" in args.sections:
+            pack_training_set(paths[:sizes["train_images"]], tmp / "packed")
+            results["training"] = [
+                run_section("training", device=args.device, amp=args.amp, fine_tune=fine_tune, workers=2,
+                            repeats=repeats, warmup_steps=sizes["train_warmup_steps"],
+                            data_folder=str(tmp / "packed"), tmp=str(tmp / "run"))
+                for fine_tune in (False, True)]
+    if "decoding" in args.sections:
+        results["decoding"] = run_section("decoding", device=args.device, steps=sizes["decode_steps"],
+                                          single_images=sizes["single_images"], repeats=repeats)
+    if "ablation" in args.sections:
+        results["ablation"] = run_section("ablation", device=args.device, repeats=repeats)
     results["total_seconds"] = time.perf_counter() - started
     if hasattr(os, "getloadavg"):
         results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = targets(results)
     results["markdown"] = markdown(results)
-    json_path = args.json or Path("runs") / (f"bench_{args.device}{'_quick' if args.quick else ''}"
+    some_sections = "" if args.sections == list(SECTIONS) else "_" + "-".join(args.sections)
+    json_path = args.json or Path("runs") / (f"bench_{args.device}{'_' + args.amp if args.amp != 'none' else ''}"
+                                             f"{'_quick' if args.quick else ''}{some_sections}"
                                              f"{'_default_malloc' if args.default_malloc else ''}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2))
