@@ -752,9 +752,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         tmp = Path(tmp)
         (tmp / "jpegs").mkdir()
-        if {"packing", "training"} & set(args.sections):
-            paths = make_jpegs(tmp / "jpegs", max(sizes["pack_images"] if "packing" in args.sections else 0,
-                                                  sizes["train_images"]))
+        if {"packing", "training"} & set(args.sections):  # training packs the first train_images of them
+            paths = make_jpegs(tmp / "jpegs",
+                               sizes["pack_images"] if "packing" in args.sections else sizes["train_images"])
         if "packing" in args.sections:
             results["packing"] = run_section("packing", paths=[str(p) for p in paths], workers=2, repeats=repeats)
         if "training" in args.sections:
