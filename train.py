@@ -243,8 +243,10 @@ def train_one_epoch(encoder, decoder, loader, optimizers, scaler, args, device, 
         # with inf/NaN gradients and lowers its scale, which is normal: only the loss counts there.
         bad_grads = False
         if not scaler.is_enabled():
-            grads_finite = [p.grad.isfinite().all() for p in trainable if p.grad is not None]
-            bad_grads = bool(grads_finite) and not bool(torch.stack(grads_finite).all())
+            # One norm over all gradients (foreach kernels, not one check per tensor): inf or NaN if
+            # any gradient is, or if one is too large (~1e19) to square in float32.
+            grads = [p.grad for p in trainable if p.grad is not None]
+            bad_grads = bool(grads) and not bool(torch.nn.utils.get_total_norm(grads).isfinite())
         # One small all-reduce keeps every process deciding alike about NaNs and stop signals.
         bad_loss, bad_grads, stop_flag = all_reduce_sum(
             [float(not torch.isfinite(loss)), float(bad_grads), float(stop.signal is not None)], device,

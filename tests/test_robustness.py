@@ -522,13 +522,21 @@ def poison_training_loss(monkeypatch, poison, first, last=None):
 class InfGradient(torch.autograd.Function):
     """Identity forward; backward sends an infinite gradient (an overflow)."""
 
+    poison = float("inf")
+
     @staticmethod
     def forward(ctx, x):
         return x.clone()
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
+    @classmethod
+    def backward(cls, ctx, grad):
+        return grad * cls.poison
+
+
+class NanGradient(InfGradient):
+    """Identity forward; backward sends a NaN gradient while the loss stays finite."""
+
+    poison = float("nan")
 
 
 def assert_finite_checkpoint(path):
@@ -546,9 +554,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data,
     assert_finite_checkpoint(out / "last.pt")
 
 
-def test_inf_gradient_stops_instead_of_being_clipped_into_the_weights(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("poisoned", [InfGradient, NanGradient])
+def test_inf_or_nan_gradient_stops_instead_of_being_clipped_into_the_weights(data, tmp_path, monkeypatch,
+                                                                              poisoned):
     out = tmp_path / "run"
-    poison_training_loss(monkeypatch, InfGradient.apply, 3)  # epoch 0, step 2
+    poison_training_loss(monkeypatch, poisoned.apply, 3)  # epoch 0, step 2
     message = run_script(train, train_argv(data, out, "--save-every", "1"), "train.py")
     assert_one_line_error(message, "train.py", "gradient", "epoch 0, step 2", out / "last.pt")
     assert utils.load_checkpoint(out / "last.pt")["samples_done"] == 2 * 16
