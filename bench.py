@@ -363,14 +363,15 @@ def calibrate_batchnorm(encoder, images):
     encoder's layers have. At their initial values (mean 0, variance 1) the frozen random ResNet-101
     amplifies its activations block after block, past fp16's range: the loss is NaN at step 0."""
     layers = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [layer.momentum for layer in layers]
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # a plain average over the batches seen: here the one batch
         layer.train()
     with torch.no_grad():
         encoder(images)
-    for layer in layers:
-        layer.momentum = 0.1  # torch's default again
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
     encoder.train(encoder.training)  # frozen blocks back to eval mode
 
 
