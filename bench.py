@@ -493,7 +493,7 @@ class StepLoopProjectionDecoder(DecoderWithAttention):
         decode_lengths = caption_lengths - 1  # (B,)
         max_steps = int(decode_lengths.max())
         decode_lengths_sorted, order = decode_lengths.sort(descending=True)
-        encoder_out = encoder_out[order]  # (B, P, E)
+        encoder_out = encoder_out.index_select(0, order)  # (B, P, E); a row copy, not indexing per element
         maps = self.step_maps()
         word_gates = maps.words(captions[order, :max_steps])  # (B, T, 4D)
         h, c = self.init_hidden_state(encoder_out)  # (B, D) each

@@ -168,13 +168,13 @@ class Attention(nn.Module):
 
         Decoding on a CPU takes a few images at a time (see _image_chunks). Training does not:
         autograd keeps every chunk's sum for the backward, so the sums stay out of cache anyway.
+        Nor does it slice: the backward of even a whole-tensor slice zero-fills a gradient of
+        encoder_proj's size and copies into it, at every step.
         """
         if torch.is_grad_enabled():
-            chunks = [slice(None)]
-        else:
-            chunks = _image_chunks(encoder_proj, hidden_proj.shape[1])
+            return self.full_att(_relu_sum(encoder_proj, hidden_proj)).squeeze(3)  # (N, K, P)
         scores = [self.full_att(_relu_sum(encoder_proj[chunk], hidden_proj[chunk])).squeeze(3)
-                  for chunk in chunks]  # (n, K, P) each
+                  for chunk in _image_chunks(encoder_proj, hidden_proj.shape[1])]  # (n, K, P) each
         return scores[0] if len(scores) == 1 else torch.cat(scores)
 
 
@@ -398,10 +398,12 @@ class DecoderWithAttention(nn.Module):
         batch_size, max_steps, _ = hiddens.shape
         steps = torch.arange(max_steps, device=hiddens.device)
         valid = steps.unsqueeze(0) < decode_lengths_sorted.unsqueeze(1)  # (B, T)
+        sorted_rows, real_steps = valid.nonzero(as_tuple=True)  # (N,) each, N real steps
         scores = hiddens.new_zeros(batch_size, max_steps, self.vocab_size)  # (B, T, V)
-        scores[valid] = self.fc(self.dropout(hiddens)[valid])  # (N, V), N real steps
-        unsort = order.argsort()
-        return scores[unsort], alphas[unsort]
+        # Written straight into the caller's rows: unsorting the (B, T, V) scores afterwards would
+        # copy them whole, and zero-fill and scatter a gradient as large in the backward.
+        scores[order[sorted_rows], real_steps] = self.fc(self.dropout(hiddens[sorted_rows, real_steps]))  # (N, V)
+        return scores, alphas[order.argsort()]
 
     def forward(self, encoder_out, captions, caption_lengths):
         """Teacher-forced decoding.
@@ -424,7 +426,7 @@ class DecoderWithAttention(nn.Module):
         active_per_step = (decode_lengths_sorted.unsqueeze(0) > torch.arange(
             max_steps, device=decode_lengths.device).unsqueeze(1)).sum(1).tolist()  # T ints
 
-        encoder_out = encoder_out[order]  # (B, P, E)
+        encoder_out = encoder_out.index_select(0, order)  # (B, P, E); a row copy, not indexing per element
         encoder_proj = self.attention.project_encoder(encoder_out)  # (B, P, A), once per batch
         maps = self.step_maps()
         word_gates = maps.words(captions[order, :max_steps])  # (B, T, 4D), once per batch
