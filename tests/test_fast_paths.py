@@ -4,6 +4,7 @@ per-step F.linear, attention scores in chunks of images against all at once, and
 shared memory against packing in one process."""
 import os
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -182,3 +183,16 @@ def test_decode_images_through_shared_memory_equals_one_process(tmp_path):
     stopped.close()  # as when packing stops at a bad image
     if os.path.isdir("/dev/shm"):
         assert set(os.listdir("/dev/shm")) == shm_before  # no shared block left behind
+
+
+def test_image_run_writer_appends_every_image_in_order(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (7, 3, 4, 4), dtype=np.uint8)
+    with h5py.File(tmp_path / "images.h5", "w") as f:
+        dataset = f.create_dataset("images", shape=(0, 3, 4, 4), maxshape=(None, 3, 4, 4), dtype="uint8")
+        writer = create_input_files.ImageRunWriter(dataset, run_length=3)
+        for i, pixels in enumerate(images):
+            writer.add(pixels)
+            assert dataset.shape[0] == (i + 1) // 3 * 3  # written a whole run at a time
+        writer.flush()  # the last, part-full run
+        writer.flush()  # nothing left: writes nothing
+        assert np.array_equal(dataset[:], images)
