@@ -1,7 +1,7 @@
 """The fast paths compute what the plain ones do: the decoder's fused step against the tutorial's
 per-step modules, bench.py's step-loop baseline against the real decoder, RecurrentLinear against
-per-step F.linear, attention scores in chunks of images against all at once, and packing through
-shared memory against packing in one process."""
+per-step F.linear, attention scores in chunks of images against all at once, packing through
+shared memory against packing in one process, and images written to HDF5 in runs against the images."""
 import os
 
 import h5py
