@@ -462,7 +462,7 @@ class DecoderWithAttention(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, encoder_out, start_token, end_token, beam_size=3, max_steps=50,
-                    return_alphas=False):
+                    return_alphas=False, return_scores=False):
         """Batched beam search: all beams of all images advance as one tensor batch.
 
         A beam that emits `<end>` is finished: it keeps its score and holds its place among the K
@@ -478,27 +478,32 @@ class DecoderWithAttention(nn.Module):
             beam_size: K.
             max_steps: the most words generated per caption, `<end>` included.
             return_alphas: also return each word's attention map.
+            return_scores: also return each caption's summed log-probability (its `<end>` included
+                when it finished).
         Returns:
             tokens: list of B lists of word indices, without `<start>` and `<end>`.
             alphas (only with return_alphas): list of B float tensors (len(tokens[i]), P).
+            scores (only with return_scores, last): list of B floats.
         """
         # The step loop never waits for the device; the captions are read once, after it.
-        tokens, alphas = [None] * encoder_out.shape[0], [None] * encoder_out.shape[0]
-        for images, sequences, group_alphas in self._beam_search_steps(
+        tokens, alphas, scores = ([None] * encoder_out.shape[0] for _ in range(3))
+        for images, sequences, group_alphas, group_scores in self._beam_search_steps(
                 encoder_out, start_token, end_token, beam_size, max_steps, return_alphas):
             group_alphas = group_alphas.cpu() if return_alphas else None  # (m, t, P), one copy per group
-            for i, (image, seq) in enumerate(zip(images.tolist(), sequences.tolist())):
+            for i, (image, seq, score) in enumerate(zip(images.tolist(), sequences.tolist(),
+                                                        group_scores.tolist())):
                 length = seq.index(end_token) if end_token in seq else len(seq)
-                tokens[image] = seq[:length]
+                tokens[image], scores[image] = seq[:length], score
                 if return_alphas:
                     # The maps of the words returned; the <end> step's map is dropped with the word.
                     alphas[image] = group_alphas[i, :length]
-        return (tokens, alphas) if return_alphas else tokens
+        outputs = (tokens,) + ((alphas,) if return_alphas else ()) + ((scores,) if return_scores else ())
+        return outputs if len(outputs) > 1 else tokens
 
     def _beam_search_steps(self, encoder_out, start_token, end_token, k, max_steps, return_alphas):
         """beam_search's step loop. Returns a list of (image indices (m,) on the host, their best
-        beams (m, t) and those beams' maps (m, t, P) or None, on the device), a group of images
-        each time some leave the batch."""
+        beams (m, t), those beams' maps (m, t, P) or None, and their scores (m,), on the device), a
+        group of images each time some leave the batch."""
         batch_size, num_pixels, _ = encoder_out.shape
         device = encoder_out.device
         encoder_proj, h, c, maps = self._decode_setup(encoder_out, k)
@@ -567,33 +572,40 @@ class DecoderWithAttention(nn.Module):
         """The best finished beam of each of m images, or the best of all when none finished.
 
         sequences (m, K, t); alpha_history (m, K, t, P); beam_scores and finished (m, K).
-        Returns its words (m, t) and, with return_alphas, its maps (m, t, P), else None.
+        Returns its words (m, t), with return_alphas its maps (m, t, P) (else None), and its score (m,).
         """
         ranked = torch.where(finished, beam_scores, beam_scores - 1e9)  # (m, K)
         best = ranked.argmax(dim=1)  # (m,)
         rows = torch.arange(best.shape[0], device=best.device)
-        return sequences[rows, best], (alpha_history[rows, best] if return_alphas else None)
+        return (sequences[rows, best], (alpha_history[rows, best] if return_alphas else None),
+                beam_scores[rows, best])
 
     @torch.no_grad()
-    def greedy_decode(self, encoder_out, start_token, end_token, max_steps=50, return_alphas=False):
+    def greedy_decode(self, encoder_out, start_token, end_token, max_steps=50, return_alphas=False,
+                      return_scores=False):
         """Greedy decoding: the most likely word at every step. Same inputs and outputs as
         `beam_search`; written separately so that the two can check each other."""
         batch_size = encoder_out.shape[0]
         encoder_proj, h, c, maps = self._decode_setup(encoder_out, 1)
         words = torch.full((batch_size,), start_token, dtype=torch.long, device=encoder_out.device)
-        step_words, step_alphas = [], []
+        step_words, step_alphas, step_log_probs = [], [], []
         for _ in range(max_steps):
             h, c, alpha = self.step(encoder_out, encoder_proj, maps.words(words), h, c, maps)
-            words = self.fc(h).argmax(dim=1)  # (B,)
+            logits = self.fc(h)  # (B, V)
+            words = logits.argmax(dim=1)  # (B,)
+            step_log_probs.append(F.log_softmax(logits, dim=1).gather(1, words.unsqueeze(1)).squeeze(1))
             step_words.append(words)
             step_alphas.append(alpha)
             if bool((torch.stack(step_words, 1) == end_token).any(1).all()):
                 break
         all_words = torch.stack(step_words, dim=1).tolist()  # (B, t)
         all_alphas = torch.stack(step_alphas, dim=1)  # (B, t, P)
-        tokens, maps = [], []
+        all_log_probs = torch.stack(step_log_probs, dim=1).cpu()  # (B, t)
+        tokens, maps, scores = [], [], []
         for i, seq in enumerate(all_words):
             length = seq.index(end_token) if end_token in seq else len(seq)
             tokens.append(seq[:length])
             maps.append(all_alphas[i, :length].cpu())
-        return (tokens, maps) if return_alphas else tokens
+            scores.append(float(all_log_probs[i, :length + 1].sum()))  # its <end> too, when it ended
+        outputs = (tokens,) + ((maps,) if return_alphas else ()) + ((scores,) if return_scores else ())
+        return outputs if len(outputs) > 1 else tokens
