@@ -47,10 +47,12 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
 import create_input_files
+import losses
 import train
+from checkpoints import build_models
 from datasets import CaptionDataset
 from models import DecoderWithAttention
-from utils import build_models, keep_freed_memory
+from utils import keep_freed_memory
 
 VOCAB = 10000  # COCO's word map at --min-word-freq 5 has about 9,500 words
 START, END = VOCAB - 2, VOCAB - 1  # create_input_files.py puts <start> and <end> last
@@ -536,7 +538,7 @@ def ablation_models(device, dropout=0.5, seed=0, **dims):
 def decoder_loss(decoder, features, captions, lengths, alpha_c=1.0):
     """train.py's loss for one teacher-forced batch."""
     scores, alphas, decode_lengths = decoder(features, captions, lengths)
-    return train.caption_loss(scores, captions, decode_lengths, alphas, alpha_c)[0]
+    return losses.caption_loss(scores, captions, decode_lengths, alphas, alpha_c)[0]
 
 
 def section_ablation(spec):

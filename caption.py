@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import (SPLITS, UserError, decode_tokens, keep_freed_memory, list_images, load_image, meta_file,
-                   models_from_checkpoint, normalize_images, read_json, resolve_device, run_main)
+from checkpoints import models_from_checkpoint
+from datasets import SPLITS, decode_tokens, meta_file
+from utils import (UserError, keep_freed_memory, list_images, load_image, normalize_images, read_json,
+                   resolve_device, run_main)
 
 
 def parse_args(argv=None):

@@ -29,8 +29,8 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from utils import (MANIFEST, SPLITS, WORD_MAP, UserError, load_image, meta_file, read_json, run_main,
-                   split_file, write_json)
+from datasets import MANIFEST, SPLITS, WORD_MAP, meta_file, split_file
+from utils import UserError, load_image, read_json, run_main, write_json
 
 # Words are runs of letters or digits in any script, with inner apostrophes ("don't").
 _WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")

@@ -19,10 +19,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import CaptionDataset
-from utils import (SPLITS, UserError, bleu_scores, check_word_maps_match, coco_caption_metrics,
-                   content_scores, decode_tokens, grounding_scores, keep_freed_memory, meta_file,
-                   models_from_checkpoint, read_json, reference_tokens, resolve_device, run_main, write_json)
+from checkpoints import check_word_maps_match, models_from_checkpoint
+from datasets import SPLITS, CaptionDataset, decode_tokens, meta_file, reference_tokens
+from metrics import bleu_scores, coco_caption_metrics, content_scores, grounding_scores
+from utils import UserError, keep_freed_memory, read_json, resolve_device, run_main, write_json
 
 
 def parse_args(argv=None):

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from utils import UserError
+
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 RESNET_BLOCKS = ("layer1", "layer2", "layer3", "layer4")
 
@@ -30,7 +32,7 @@ _STAGE_CHANNELS = {
 }
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
+class PretrainedWeightsUnavailable(UserError):
     """ImageNet weights were asked for but could not be downloaded or read."""
 
 

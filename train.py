@@ -28,11 +28,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from datasets import CaptionDataset
+from checkpoints import (ARCH_ARGS, CHECKPOINT_VERSION, build_models, load_checkpoint, load_model_weights,
+                         rng_state, save_checkpoint, set_rng_state)
+from datasets import CaptionDataset, read_word_map, reference_tokens
+from losses import attention_penalty, caption_loss, real_words, top5_correct
+from metrics import AverageMeter, bleu_scores
 from models import RESNET_ARCHS, RESNET_BLOCKS
-from utils import (ARCH_ARGS, CHECKPOINT_VERSION, AverageMeter, UserError, atomic_write, bleu_scores,
-                   build_models, keep_freed_memory, load_checkpoint, load_model_weights, read_word_map,
-                   reference_tokens, resolve_device, rng_state, run_main, save_checkpoint, set_rng_state)
+from utils import UserError, atomic_write, keep_freed_memory, resolve_device, run_main
 
 
 def parse_args(argv=None):
@@ -142,44 +144,6 @@ def autocast(device, amp):
     """The autocast context for --amp."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
     return torch.autocast(device.type, dtype=dtype, enabled=amp != "none")
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss
-
-
-def real_words(scores, captions, decode_lengths):
-    """The (N, V) float scores and (N,) targets of the N real (non-pad) words of a batch.
-
-    scores: (B, T, V) from the decoder; captions: (B, L) with <start> first; decode_lengths: (B,).
-    """
-    steps = scores.shape[1]
-    targets = captions[:, 1:steps + 1]  # (B, T)
-    mask = torch.arange(steps, device=scores.device).unsqueeze(0) < decode_lengths.unsqueeze(1)  # (B, T)
-    return scores[mask].float(), targets[mask]  # (N, V), (N,)
-
-
-def attention_penalty(alphas):
-    """Doubly stochastic attention penalty per caption (eq. 14 of the paper): each pixel's attention
-    summed over the caption should be near 1 (padded steps hold zeros). alphas (B, T, P) -> (B,)."""
-    return ((1.0 - alphas.float().sum(dim=1)) ** 2).mean(dim=1)
-
-
-def caption_loss(scores, captions, decode_lengths, alphas, alpha_c):
-    """Cross-entropy over real (non-pad) words plus `alpha_c` times the mean attention penalty.
-
-    Returns:
-        loss (scalar), and the (N, V) scores and (N,) targets of the N real words (for accuracy).
-    """
-    real_scores, real_targets = real_words(scores, captions, decode_lengths)
-    loss = F.cross_entropy(real_scores, real_targets) + alpha_c * attention_penalty(alphas).mean()
-    return loss, real_scores, real_targets
-
-
-def top5_correct(scores, targets):
-    """How many targets are among the 5 highest scores."""
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (N, 5)
-    return (top == targets.unsqueeze(1)).any(dim=1).sum().item()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
 from datasets import CaptionDataset  # noqa: E402
-from utils import models_from_checkpoint  # noqa: E402
+from checkpoints import models_from_checkpoint  # noqa: E402
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 

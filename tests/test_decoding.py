@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import models
-import utils
+import checkpoints
 from datasets import CaptionDataset
 
 MAX_STEPS = 20
@@ -15,7 +15,7 @@ MAX_STEPS = 20
 @pytest.fixture(scope="module")
 def trained(trained_run, packed_data, device):
     """(decoder, features (N, P, E) of the val and test images, <start>, <end>) of the trained tiny model."""
-    encoder, decoder, state = utils.models_from_checkpoint(trained_run / "best.pt", device)
+    encoder, decoder, state = checkpoints.models_from_checkpoint(trained_run / "best.pt", device)
     images = []
     for split in ("val", "test"):
         dataset = CaptionDataset(packed_data, split)

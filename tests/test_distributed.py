@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import eval as evaluate_script
 import train
 from datasets import CaptionDataset
-from utils import models_from_checkpoint
+from checkpoints import models_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "ddp_worker.py"

@@ -13,7 +13,7 @@ from PIL import Image
 
 import create_input_files
 import models
-import train
+import losses
 from bench import StepLoopProjectionDecoder
 from models import DecoderWithAttention, RecurrentLinear
 
@@ -63,7 +63,7 @@ def loss_and_gradients(forward, decoder, features, captions, lengths):
     """Scores, alphas, training loss and {name: gradient} of one teacher-forced pass."""
     decoder.zero_grad(set_to_none=True)
     scores, alphas, decode_lengths = forward(features, captions, lengths)
-    loss = train.caption_loss(scores, captions, decode_lengths, alphas, alpha_c=1.0)[0]
+    loss = losses.caption_loss(scores, captions, decode_lengths, alphas, alpha_c=1.0)[0]
     loss.backward()
     return scores, alphas, loss, {n: p.grad.clone() for n, p in decoder.named_parameters()}
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import train
-import utils
+import losses
+import checkpoints
 from models import DecoderWithAttention, Encoder
 
 VOCAB = 20
@@ -78,12 +78,12 @@ def test_pad_tokens_do_not_change_the_loss():
     decoder = tiny_decoder()
     features = torch.randn(3, 7, 12)
     captions, lengths = random_captions([5, 9, 3])
-    loss, _, _ = train.caption_loss(*_forward(decoder, features, captions, lengths), alpha_c=1.0)
+    loss, _, _ = losses.caption_loss(*_forward(decoder, features, captions, lengths), alpha_c=1.0)
     noisy = captions.clone()
     for i, n in enumerate(lengths.tolist()):
         noisy[i, n:] = torch.randint(1, 18, (captions.shape[1] - n,))
     wider = torch.cat([noisy, torch.full((3, 4), PAD)], dim=1)
-    loss_noisy, _, _ = train.caption_loss(*_forward(decoder, features, wider, lengths), alpha_c=1.0)
+    loss_noisy, _, _ = losses.caption_loss(*_forward(decoder, features, wider, lengths), alpha_c=1.0)
     torch.testing.assert_close(loss, loss_noisy)
 
 
@@ -99,7 +99,7 @@ def test_every_trainable_parameter_gets_a_finite_gradient():
                                    embed_dim=6, decoder_dim=10, dropout=0.5)
     captions, lengths = random_captions([5, 9, 3, 4])
     scores, alphas, decode_lengths = decoder(encoder(torch.randn(4, 3, 32, 32)), captions, lengths)
-    loss, _, _ = train.caption_loss(scores, captions, decode_lengths, alphas, alpha_c=1.0)
+    loss, _, _ = losses.caption_loss(scores, captions, decode_lengths, alphas, alpha_c=1.0)
     loss.backward()
     for name, p in list(encoder.named_parameters()) + list(decoder.named_parameters()):
         assert p.grad is not None, f"{name} got no gradient"
@@ -112,14 +112,14 @@ def test_checkpoint_round_trip_is_weights_only(tmp_path):
             "embed_dim": 6, "decoder_dim": 10, "dropout": 0.5, "pretrained": False, "encoder_weights": None,
             "fine_tune_encoder": True}
     word_map = {"<pad>": 0, "a": 1, "<unk>": 2, "<start>": 3, "<end>": 4}
-    encoder, decoder = utils.build_models(args, len(word_map))
+    encoder, decoder = checkpoints.build_models(args, len(word_map))
     path = tmp_path / "ckpt.pt"
-    utils.save_checkpoint(path, {"format_version": utils.CHECKPOINT_VERSION, "encoder": encoder.state_dict(),
+    checkpoints.save_checkpoint(path, {"format_version": checkpoints.CHECKPOINT_VERSION, "encoder": encoder.state_dict(),
                                  "decoder": decoder.state_dict(), "args": args, "word_map": word_map,
                                  "image_size": 32})
     state = torch.load(path, weights_only=True)
     assert state["word_map"] == word_map and state["args"] == args
-    encoder2, decoder2, _ = utils.models_from_checkpoint(path, torch.device("cpu"))
+    encoder2, decoder2, _ = checkpoints.models_from_checkpoint(path, torch.device("cpu"))
     for a, b in zip(list(encoder.state_dict().values()) + list(decoder.state_dict().values()),
                     list(encoder2.state_dict().values()) + list(decoder2.state_dict().values())):
         assert torch.equal(a, b)

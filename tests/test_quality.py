@@ -14,7 +14,7 @@ import create_input_files
 import eval as evaluate_script
 import make_shapes_dataset
 import train
-import utils
+import checkpoints
 from datasets import CaptionDataset
 
 SMALL_MODEL = ["--encoder-arch", "resnet18", "--encoder-cut-after", "layer2", "--encoded-size", "8",
@@ -44,7 +44,7 @@ def test_short_training_learns_words_and_content(tmp_path, seed, all_cores):
                 *SMALL_MODEL])
 
     device = torch.device("cpu")
-    encoder, decoder, state = utils.models_from_checkpoint(run / "best.pt", device)
+    encoder, decoder, state = checkpoints.models_from_checkpoint(run / "best.pt", device)
     word_map = state["word_map"]
     test_set = CaptionDataset(data, "test")
     metrics, _ = train.validate(encoder, decoder, DataLoader(test_set, batch_size=32), word_map, device,

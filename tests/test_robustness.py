@@ -22,6 +22,7 @@ import create_input_files
 import eval as evaluate_script
 import make_shapes_dataset
 import train
+import checkpoints
 import utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -466,23 +467,23 @@ def test_sigint_and_sigterm_save_a_checkpoint_before_exiting(data, tmp_path, sig
     stderr = stderr.decode()
     assert process.returncode == 128 + signum, stderr
     assert "Traceback" not in stderr and f"stopped by signal {int(signum)}" in stderr
-    state = utils.load_checkpoint(out / "last.pt")
+    state = checkpoints.load_checkpoint(out / "last.pt")
     assert state["samples_done"] > 0 and state["samples_done"] % 4 == 0
     assert state["epoch"] < 3
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    utils.save_checkpoint(path, {"format_version": 1, "weights": torch.ones(3)})
+    checkpoints.save_checkpoint(path, {"format_version": 1, "weights": torch.ones(3)})
     before = path.read_bytes()
 
     def dies_half_way(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(utils.torch, "save", dies_half_way)
+    monkeypatch.setattr(checkpoints.torch, "save", dies_half_way)
     with pytest.raises(OSError):
-        utils.save_checkpoint(path, {"format_version": 1, "weights": torch.zeros(3)})
+        checkpoints.save_checkpoint(path, {"format_version": 1, "weights": torch.zeros(3)})
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.ones(3))
@@ -493,7 +494,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
 
     monkeypatch.setattr(utils.os, "replace", replace_fails)
     with pytest.raises(OSError):
-        utils.save_checkpoint(path, {"format_version": 1, "weights": torch.zeros(3)})
+        checkpoints.save_checkpoint(path, {"format_version": 1, "weights": torch.zeros(3)})
     monkeypatch.undo()
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
@@ -549,7 +550,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data,
     poison_training_loss(monkeypatch, lambda loss: loss * float("nan"), 13)
     message = run_script(train, train_argv(data, out, epochs=3), "train.py")
     assert_one_line_error(message, "train.py", "epoch 1, step 2", out / "last.pt", "nan")
-    state = utils.load_checkpoint(out / "last.pt")
+    state = checkpoints.load_checkpoint(out / "last.pt")
     assert state["epoch"] == 1  # the epoch-end checkpoint, untouched
     assert_finite_checkpoint(out / "last.pt")
 
@@ -561,7 +562,7 @@ def test_inf_or_nan_gradient_stops_instead_of_being_clipped_into_the_weights(dat
     poison_training_loss(monkeypatch, poisoned.apply, 3)  # epoch 0, step 2
     message = run_script(train, train_argv(data, out, "--save-every", "1"), "train.py")
     assert_one_line_error(message, "train.py", "gradient", "epoch 0, step 2", out / "last.pt")
-    assert utils.load_checkpoint(out / "last.pt")["samples_done"] == 2 * 16
+    assert checkpoints.load_checkpoint(out / "last.pt")["samples_done"] == 2 * 16
     assert_finite_checkpoint(out / "last.pt")
 
 
@@ -571,7 +572,7 @@ def test_fp16_skipped_step_is_not_an_error(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     poison_training_loss(monkeypatch, InfGradient.apply, 2, 2)
     assert train.main(train_argv(data, out, "--amp", "fp16"))  # finishes
-    state = utils.load_checkpoint(out / "last.pt")
+    state = checkpoints.load_checkpoint(out / "last.pt")
     assert state["epoch"] == 1 and state["scaler"]["scale"] < 65536.0
     assert_finite_checkpoint(out / "last.pt")
 
@@ -616,17 +617,17 @@ def test_pretrained_weights_offline_say_what_to_pass(data, tmp_path):
 def misfits(data, one_epoch, tmp_path_factory):
     """Files eval.py and caption.py must refuse, by name."""
     folder = tmp_path_factory.mktemp("misfits")
-    good = utils.load_checkpoint(one_epoch / "last.pt")
+    good = checkpoints.load_checkpoint(one_epoch / "last.pt")
     files = {}
 
     # Weights of another vocabulary than the word map stored beside them.
     state = dict(good, word_map={**good["word_map"], "zebra": len(good["word_map"])})
     files["other_vocabulary"] = folder / "other_vocabulary.pt"
-    utils.save_checkpoint(files["other_vocabulary"], state)
+    checkpoints.save_checkpoint(files["other_vocabulary"], state)
     # Weights of another architecture than the arguments stored beside them.
     state = dict(good, args={**good["args"], "decoder_dim": 48})
     files["other_architecture"] = folder / "other_architecture.pt"
-    utils.save_checkpoint(files["other_architecture"], state)
+    checkpoints.save_checkpoint(files["other_architecture"], state)
     # Not checkpoints at all.
     files["random_bytes"] = folder / "random.pt"
     files["random_bytes"].write_bytes(np.random.default_rng(0).bytes(4096))
@@ -644,11 +645,11 @@ def misfits(data, one_epoch, tmp_path_factory):
     # Arguments that name no model this code builds.
     state = dict(good, args={**good["args"], "encoder_arch": "vgg16"})
     files["unknown_architecture"] = folder / "unknown_architecture.pt"
-    utils.save_checkpoint(files["unknown_architecture"], state)
+    checkpoints.save_checkpoint(files["unknown_architecture"], state)
     # A valid checkpoint trained on another word map than the data folder's.
     state = dict(good, word_map={k if k.startswith("<") else k + "x": v for k, v in good["word_map"].items()})
     files["other_word_map"] = folder / "other_word_map.pt"
-    utils.save_checkpoint(files["other_word_map"], state)
+    checkpoints.save_checkpoint(files["other_word_map"], state)
     return files
 
 
