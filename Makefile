@@ -17,7 +17,7 @@ DEMO_OPTIM ?= --epochs 6 --batch-size 32 --encoder-lr 1e-3 --decoder-lr 1e-3 --l
 DEMO_WORKERS ?= 1
 DEMO_BEAM ?= 3
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test mutants install clean-demo
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ $(VENV)/.installed: requirements.txt
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# Realistic bugs put into a scratch copy one at a time: each must make a test fail (tests/mutants.py).
+mutants: $(VENV)/.installed
+	$(PY) tests/mutants.py
 
 demo: $(VENV)/.installed
 	$(PY) make_shapes_dataset.py --output-folder $(DEMO_DIR)/shapes --num-images $(DEMO_IMAGES) --seed $(DEMO_SEED)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import losses
 import checkpoints
+import losses
 from models import DecoderWithAttention, Encoder
 
 VOCAB = 20
@@ -124,3 +124,56 @@ def test_checkpoint_round_trip_is_weights_only(tmp_path):
                     list(encoder2.state_dict().values()) + list(decoder2.state_dict().values())):
         assert torch.equal(a, b)
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_attention_penalty_value_and_gradient_by_hand():
+    # One caption of 2 steps over 3 pixels; each pixel's attention summed over the steps: 0.6, 0.4, 1.0.
+    alphas = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]], requires_grad=True)  # (1, 2, 3)
+    penalty = losses.attention_penalty(alphas)  # (1,)
+    # eq. 14: sum over pixels of (1 - sum over steps)^2, here averaged over the 3 pixels.
+    assert penalty.shape == (1,) and penalty.item() == pytest.approx((0.4 ** 2 + 0.6 ** 2 + 0.0) / 3)
+    penalty.sum().backward()
+    # d/d alpha_tp = -2 (1 - sum_t alpha_tp) / P: the same at both steps, pushing under-attended pixels up.
+    expected = torch.tensor([-2 * 0.4 / 3, -2 * 0.6 / 3, 0.0]).expand(2, 3)
+    torch.testing.assert_close(alphas.grad[0], expected)
+
+
+def test_the_penalty_enters_the_loss_with_weight_alpha_c_and_punishes_staring_at_one_pixel():
+    decoder = tiny_decoder()
+    features = torch.randn(3, 7, 12)
+    captions, lengths = random_captions([5, 9, 3])
+    scores, alphas, decode_lengths = decoder(features, captions, lengths)
+    without = losses.caption_loss(scores, captions, decode_lengths, alphas, alpha_c=0.0)[0]
+    with_penalty = losses.caption_loss(scores, captions, decode_lengths, alphas, alpha_c=2.5)[0]
+    torch.testing.assert_close(with_penalty - without, 2.5 * losses.attention_penalty(alphas).mean())
+    # Attention spread so that every pixel gets 1 over the caption costs nothing; on one pixel, a lot.
+    steps, pixels = 4, 4
+    spread = torch.full((1, steps, pixels), 1.0 / steps)
+    staring = torch.zeros(1, steps, pixels)
+    staring[0, :, 0] = 1.0
+    assert losses.attention_penalty(spread).item() == 0.0
+    assert losses.attention_penalty(staring).item() == pytest.approx((9 + 1 + 1 + 1) / 4)
+
+
+def test_the_decoder_does_not_depend_on_the_order_of_the_pixels():
+    # Attention weighs the pixels and h0, c0 come from their mean: shuffling the grid permutes the
+    # attention maps and changes nothing else, in training and in decoding.
+    decoder = tiny_decoder()
+    features = torch.randn(3, 7, 12)
+    captions, lengths = random_captions([5, 9, 3])
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(3))
+    scores, alphas, _ = decoder(features, captions, lengths)
+    scores_p, alphas_p, _ = decoder(features[:, perm], captions, lengths)
+    torch.testing.assert_close(scores_p, scores)
+    torch.testing.assert_close(alphas_p, alphas[:, :, perm])
+    tokens = decoder.beam_search(features, START, END, beam_size=3, max_steps=6)
+    assert decoder.beam_search(features[:, perm], START, END, beam_size=3, max_steps=6) == tokens
+
+
+def test_initial_state_comes_from_the_mean_encoding():
+    decoder = tiny_decoder()
+    features = torch.randn(3, 7, 12)
+    h, c = decoder.init_hidden_state(features)
+    mean = features.mean(dim=1)
+    torch.testing.assert_close(h, decoder.init_h(mean))
+    torch.testing.assert_close(c, decoder.init_c(mean))

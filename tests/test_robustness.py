@@ -3,6 +3,7 @@
 Subprocesses only where the behaviour is about the process (exit codes, signals, stderr); elsewhere
 the scripts' main() runs in this process under utils.run_main, exactly as their __main__ blocks do.
 """
+import csv
 import json
 import os
 import signal
@@ -18,11 +19,12 @@ import torch
 from PIL import Image
 
 import caption
+import checkpoints
 import create_input_files
 import eval as evaluate_script
 import make_shapes_dataset
+import models
 import train
-import checkpoints
 import utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -566,6 +568,39 @@ def test_inf_or_nan_gradient_stops_instead_of_being_clipped_into_the_weights(dat
     assert_finite_checkpoint(out / "last.pt")
 
 
+def infinite_gradient_once(monkeypatch, step):
+    """At training step `step` (counted from 1), make the output layer's bias gradient +inf and nothing
+    else: no NaN anywhere, so only the order of the checks decides whether it is caught."""
+    real_forward = models.DecoderWithAttention.forward
+    calls = []
+
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            calls.append(None)
+            if len(calls) == step:
+                fired = []
+
+                def to_inf(grad):
+                    if fired:
+                        return grad
+                    fired.append(None)
+                    return torch.full_like(grad, float("inf"))
+
+                self.fc.bias.register_hook(to_inf)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(models.DecoderWithAttention, "forward", forward)
+
+
+def test_an_infinite_gradient_without_nan_stops_before_clipping_could_hide_it(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    infinite_gradient_once(monkeypatch, 3)  # epoch 0, step 2
+    message = run_script(train, train_argv(data, out, "--save-every", "1"), "train.py")
+    assert_one_line_error(message, "train.py", "gradient", "epoch 0, step 2", out / "last.pt")
+    assert checkpoints.load_checkpoint(out / "last.pt")["samples_done"] == 2 * 16
+    assert_finite_checkpoint(out / "last.pt")
+
+
 def test_fp16_skipped_step_is_not_an_error(data, tmp_path, monkeypatch):
     # fp16 autocast and GradScaler work on the CPU in this torch: an overflowing gradient makes the
     # scaler skip that step and halve its scale, and training goes on.
@@ -575,6 +610,53 @@ def test_fp16_skipped_step_is_not_an_error(data, tmp_path, monkeypatch):
     state = checkpoints.load_checkpoint(out / "last.pt")
     assert state["epoch"] == 1 and state["scaler"]["scale"] < 65536.0
     assert_finite_checkpoint(out / "last.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# Which checkpoint is kept, when learning rates decay, when training stops
+
+
+def scripted_validation(monkeypatch, bleu4s):
+    """Validation reports these decoded BLEU-4 figures, one per epoch, instead of decoding."""
+    figures = iter(bleu4s)
+
+    def validate(*args, **kwargs):
+        return {"val_tf_loss": 1.0, "val_tf_top5": 0.5, "val_decoded_bleu4": next(figures)}, []
+
+    monkeypatch.setattr(train, "validate", validate)
+
+
+def read_history(out):
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_best_checkpoint_is_the_epoch_with_the_highest_validation_bleu(data, tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [0.3, 0.5, 0.5, 0.2])  # a tie does not count as better
+    out = tmp_path / "run"
+    train.main(train_argv(data, out, epochs=4))
+    best, last = checkpoints.load_checkpoint(out / "best.pt"), checkpoints.load_checkpoint(out / "last.pt")
+    assert best["epoch"] == 2 and best["best_bleu4"] == 0.5  # written after epoch 1, the first 0.5
+    assert last["epoch"] == 4 and last["epochs_since_improvement"] == 2
+    assert not torch.equal(best["decoder"]["fc.weight"], last["decoder"]["fc.weight"])
+
+
+def test_learning_rates_decay_after_patience_epochs_without_improvement(data, tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [0.5, 0.4, 0.6, 0.3, 0.2])
+    out = tmp_path / "run"
+    train.main(train_argv(data, out, "--lr-decay-patience", "1", "--lr-decay-factor", "0.5", epochs=5))
+    history = read_history(out)
+    # No improvement after epoch 1 (decay before 2), better at 2 (none before 3), worse at 3 (decay before 4).
+    assert [float(r["decoder_lr"]) for r in history] == pytest.approx([3e-3, 3e-3, 1.5e-3, 1.5e-3, 0.75e-3])
+    assert [float(r["encoder_lr"]) for r in history] == pytest.approx([1e-3, 1e-3, 0.5e-3, 0.5e-3, 0.25e-3])
+
+
+def test_training_stops_after_early_stop_patience_epochs_without_improvement(data, tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [0.5, 0.4, 0.3, 0.2, 0.1])
+    out = tmp_path / "run"
+    train.main(train_argv(data, out, "--early-stop-patience", "2", epochs=5))
+    assert [int(r["epoch"]) for r in read_history(out)] == [0, 1, 2]
+    assert checkpoints.load_checkpoint(out / "best.pt")["epoch"] == 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,261 @@
+"""Put small, realistic bugs into a scratch copy of the code, one at a time, and check that the tests catch
+each of them.
+
+    make mutants                                  # every mutation, 2 at a time (about 10 minutes on 2 cores)
+    python tests/mutants.py --only beam           # the mutations whose name contains "beam"
+    python tests/mutants.py --list                # what each mutation does and which tests should catch it
+
+Each mutation names a file, the exact text it replaces (which must occur there once) and the text put in
+its place, and the tests that should catch it: the fast test files or tests that cover that code, not the
+whole suite. The tests first run once on the unchanged copy and must pass. Then, for each mutation, the
+runner restores the copy, applies the mutation and runs its tests. A test that fails catches it; a mutation
+whose tests all pass survived, and the run exits non-zero. When a change to the code moves or rewrites a
+mutated line, the runner says the mutation is stale, and the list below is brought up to date with it.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300  # a mutation whose tests run longer (a loop that never ends) counts as caught, by timeout
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    before: str
+    after: str
+    tests: tuple  # pytest arguments: test files, node ids, or -k expressions
+
+
+ORACLE = ("tests/test_decoding_oracle.py",)
+DECODING = ("tests/test_decoding_oracle.py", "tests/test_decoding.py")
+PACKING = ("tests/test_packing_rules.py",)
+TRAINING_RULES = ("tests/test_robustness.py", "-k", "best_checkpoint or decay or early_stop or infinite_gradient")
+RESUME = ("tests/test_robustness.py", "-k", "resume_from_an_epoch_end or sigkill_mid_epoch")
+METRICS = ("tests/test_metrics.py",)
+
+MUTATIONS = [
+    # ---- beam search and greedy decoding
+    # Finished beams extend like live ones, by real words with their log-probabilities. (Dropping only
+    # the first line cannot change a result of this search: a finished beam's extensions all score
+    # below it, and what they push out of the beam scores lower still.)
+    Mutation("beam: a finished beam extends with real words", "models.py",
+             "            log_probs.masked_fill_(finished.unsqueeze(2), -math.inf)\n"
+             "            log_probs[:, :, end_token].masked_fill_(finished, 0.0)\n", "", ORACLE),
+    Mutation("beam: parent beam from the wrong divisor", "models.py",
+             "parent = flat_index // vocab_size", "parent = flat_index // k", ORACLE),
+    Mutation("beam: the worst finished beam is returned", "models.py",
+             "best = ranked.argmax(dim=1)", "best = ranked.argmin(dim=1)", ORACLE),
+    Mutation("beam: all K beams start live (K copies of one hypothesis)", "models.py",
+             "beam_scores[:, 0] = 0.0", "beam_scores[:, :] = 0.0", ORACLE),
+    Mutation("beam: each word's map from its own row, not its parent's", "models.py",
+             "new_alphas = alpha[rows].view(n, k, 1, num_pixels)", "new_alphas = alpha.view(n, k, 1, num_pixels)",
+             ORACLE),
+    Mutation("beam: one step fewer than max_steps", "models.py",
+             "        for t in range(max_steps):\n", "        for t in range(max_steps - 1):\n", DECODING),
+    Mutation("greedy: the least likely word", "models.py",
+             "words = logits.argmax(dim=1)  # (B,)", "words = logits.argmin(dim=1)  # (B,)", ORACLE),
+    # ---- the model and its loss
+    Mutation("penalty: sign flipped in the loss", "losses.py",
+             "+ alpha_c * attention_penalty(alphas).mean()", "- alpha_c * attention_penalty(alphas).mean()",
+             ("tests/test_models.py",)),
+    Mutation("penalty: rewards what it should punish", "losses.py",
+             "return ((1.0 - alphas.float().sum(dim=1)) ** 2).mean(dim=1)",
+             "return -((1.0 - alphas.float().sum(dim=1)) ** 2).mean(dim=1)", ("tests/test_models.py",)),
+    Mutation("init: h0 and c0 from one pixel, not the mean encoding", "models.py",
+             "mean_encoding = encoder_out.mean(dim=1)  # (N, E)", "mean_encoding = encoder_out[:, 0]  # (N, E)",
+             ("tests/test_models.py",)),
+    Mutation("decoder: scores left in length-sorted order", "models.py",
+             "scores[order[sorted_rows], real_steps] =", "scores[sorted_rows, real_steps] =",
+             ("tests/test_models.py",)),
+    # ---- packing and the data a model sees
+    Mutation("packing: one caption short for images with fewer than required", "create_input_files.py",
+             "for _ in range(cpi - len(tokens))]", "for _ in range(cpi - len(tokens) - 1)]", PACKING),
+    Mutation("packing: a word seen exactly min-word-freq times becomes <unk>", "create_input_files.py",
+             "if n >= min_word_freq)", "if n > min_word_freq)", PACKING),
+    Mutation("packing: a caption of exactly max-len words is dropped", "create_input_files.py",
+             "elif len(tokens) > args.max_len:", "elif len(tokens) >= args.max_len:", PACKING),
+    Mutation("images: pixels not divided by 255 before ImageNet normalisation", "utils.py",
+             "return (images.float() / 255.0 - mean) / std", "return (images.float() - mean) / std", PACKING),
+    Mutation("dataset: caption i paired with the wrong image", "datasets.py",
+             "self._image(i // self.captions_per_image)", "self._image(i % self.captions_per_image)", PACKING),
+    # ---- training
+    Mutation("training: best.pt overwritten when validation did not improve", "train.py",
+             "                if improved:\n", "                if True:\n", TRAINING_RULES),
+    Mutation("training: a tie counts as an improvement", "train.py",
+             'improved = metrics["val_decoded_bleu4"] > best_bleu4',
+             'improved = metrics["val_decoded_bleu4"] >= best_bleu4', TRAINING_RULES),
+    Mutation("training: gradients clipped before the non-finite check", "train.py",
+             "        bad_grads = False\n",
+             "        torch.nn.utils.clip_grad_value_(trainable, args.grad_clip)\n        bad_grads = False\n",
+             TRAINING_RULES),
+    Mutation("training: learning rates decay even after an improvement", "train.py",
+             "since_improvement > 0 and since_improvement % args.lr_decay_patience == 0",
+             "since_improvement % args.lr_decay_patience == 0", TRAINING_RULES),
+    Mutation("training: early stopping one epoch late", "train.py",
+             "since_improvement < args.early_stop_patience:", "since_improvement <= args.early_stop_patience:",
+             TRAINING_RULES),
+    Mutation("training: gradients never zeroed between steps", "train.py",
+             "            opt.zero_grad(set_to_none=True)\n", "            pass\n", RESUME),
+    # ---- resume
+    Mutation("resume: random state not restored", "train.py",
+             '            set_rng_state(state["rng"])\n', "            pass\n", RESUME),
+    Mutation("resume: optimiser state not restored", "train.py",
+             '        decoder_optimizer.load_state_dict(state["decoder_optimizer"])\n', "        pass\n", RESUME),
+    Mutation("resume: mid-epoch resume starts the epoch over", "train.py",
+             "skip = samples_done // world_size", "skip = 0", RESUME),
+    # ---- metrics
+    Mutation("BLEU: references keep <start> and <end>", "datasets.py",
+             'special = {word_map["<start>"], word_map["<end>"], word_map["<pad>"]}',
+             'special = {word_map["<pad>"]}', METRICS),
+    Mutation("content: every named object counted as right", "metrics.py",
+             "true_pos += len(named & present)", "true_pos += len(named)", METRICS),
+    Mutation("grounding: the attention's weakest cell taken as where it looked", "metrics.py",
+             "peak = int(alpha[t].argmax())", "peak = int(alpha[t].argmin())", METRICS),
+    Mutation("grounding: cells that only touch a box counted as on it", "metrics.py",
+             "cols = (edges[:-1] < x1) & (edges[1:] > x0)", "cols = (edges[:-1] <= x1) & (edges[1:] >= x0)", METRICS),
+    Mutation("baseline: an image may be given its own captions", "eval.py",
+             "donor = order[(position + 1) % len(order)]", "donor = order[position]", METRICS),
+    # ---- the scripts' error handling
+    Mutation("errors: a user error becomes a traceback", "utils.py",
+             'raise SystemExit(f"{prog}: error: {exc}") from None', "raise",
+             ("tests/test_robustness.py", "-k", "bad_checkpoint_in_one_line and eval")),
+    Mutation("errors: an unfinished data folder is read", "datasets.py",
+             "    if not path.is_file():\n        raise UserError(\n            f\"{data_folder}: no {MANIFEST}",
+             "    if False:\n        raise UserError(\n            f\"{data_folder}: no {MANIFEST}",
+             ("tests/test_robustness.py", "-k", "unfinished_data_folder or killed_part_way")),
+    Mutation("errors: resume accepts other architecture arguments", "train.py",
+             "for name in ARCH_ARGS if saved.get(name) != getattr(args, name)]",
+             "for name in ARCH_ARGS if saved.get(name) == getattr(args, name) and False]",
+             ("tests/test_robustness.py", "-k", "other_architecture_arguments")),
+    Mutation("errors: eval accepts a data folder of another word map", "checkpoints.py",
+             "    if data_word_map != checkpoint_word_map:\n", "    if False:\n",
+             ("tests/test_robustness.py", "-k", "another_word_map")),
+]
+
+
+def copy_of_repo(destination):
+    """The tracked and untracked-but-not-ignored files of the repository, copied to `destination`."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def run_tests(folder, tests):
+    """Run pytest on `tests` in `folder`; returns (passed, names of the failing tests, seconds)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
+    started = time.time()
+    try:
+        result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return False, [f"(timed out after {TIMEOUT_S} s)"], time.time() - started
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, flags=re.MULTILINE)
+    if result.returncode != 0 and not failed:  # collection errors and the like: name the last line
+        failed = [result.stdout.strip().splitlines()[-1] if result.stdout.strip() else f"exit {result.returncode}"]
+    return result.returncode == 0, failed, time.time() - started
+
+
+def try_mutation(mutation, folder):
+    """Apply `mutation` to the copy in `folder`, run its tests, restore the file. Returns a result dict."""
+    path = folder / mutation.file
+    original = (REPO / mutation.file).read_text()
+    count = original.count(mutation.before)
+    if count != 1:
+        return {"mutation": mutation, "status": "stale", "seconds": 0.0,
+                "by": f"its text occurs {count} times in {mutation.file}"}
+    path.write_text(original.replace(mutation.before, mutation.after))
+    try:
+        passed, failed, seconds = run_tests(folder, mutation.tests)
+    finally:
+        path.write_text(original)
+    return {"mutation": mutation, "status": "survived" if passed else "caught", "seconds": seconds,
+            "by": ", ".join(failed[:2]) if failed else ""}
+
+
+def run_all(mutations, jobs):
+    """Every mutation, `jobs` at a time, each job in its own copy of the repository."""
+    with tempfile.TemporaryDirectory(prefix="mutants-") as scratch:
+        folders = [Path(scratch) / f"copy{i}" for i in range(jobs)]
+        for folder in folders:
+            copy_of_repo(folder)
+        targets = sorted({t for m in mutations for t in _files(m.tests)})
+        passed, failed, seconds = run_tests(folders[0], targets)
+        print(f"unchanged code: {'all tests pass' if passed else 'FAILING ' + ', '.join(failed)} "
+              f"({len(targets)} test files, {seconds:.0f} s)", flush=True)
+        if not passed:
+            return None
+        free = list(folders)
+        results = []
+
+        def job(mutation):
+            folder = free.pop()
+            try:
+                result = try_mutation(mutation, folder)
+            finally:
+                free.append(folder)
+            print(f"{result['status']:9s} {result['seconds']:5.0f} s  {mutation.name}", flush=True)
+            return result
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(job, mutations))
+        return results
+
+
+def _files(tests):
+    """The test files among pytest arguments (what the unchanged run checks)."""
+    return [t.split("::")[0] for t in tests if t.startswith("tests/")]
+
+
+def table(results):
+    """The results as a Markdown table."""
+    lines = ["| mutation | file | result | caught by | seconds |", "|---|---|---|---|---:|"]
+    for r in results:
+        m = r["mutation"]
+        lines.append(f"| {m.name} | {m.file} | {r['status']} | {r['by']} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="run only the mutations whose name contains this text")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="mutations tried at once, each with one thread (default 2, for 2 cores)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and their tests, run nothing")
+    args = parser.parse_args(argv)
+    mutations = [m for m in MUTATIONS if args.only in m.name]
+    if args.list:
+        for m in mutations:
+            print(f"{m.name}\n    {m.file}: {m.before.strip()!r} -> {m.after.strip()!r}\n    tests: {' '.join(m.tests)}")
+        return 0
+    started = time.time()
+    results = run_all(mutations, max(1, args.jobs))
+    if results is None:
+        print("the tests fail on the unchanged code: fix that first", file=sys.stderr)
+        return 2
+    print()
+    print(table(results))
+    counts = {s: sum(r["status"] == s for r in results) for s in ("caught", "survived", "stale")}
+    print(f"\n{counts['caught']} caught, {counts['survived']} survived, {counts['stale']} stale, "
+          f"of {len(results)} mutations in {time.time() - started:.0f} s")
+    return 0 if counts["caught"] == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

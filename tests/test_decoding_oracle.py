@@ -1,0 +1,118 @@
+"""Decoding checked against an oracle that shares none of its code: every caption a tiny model can
+produce, each scored by the teacher-forced pass, and the best one found by enumerating them all."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import DecoderWithAttention
+
+# <pad> 0, two words 1 and 2, <start> 3, <end> 4: every token is a word the search may pick.
+VOCAB, START, END = 5, 3, 4
+MAX_STEPS = 4
+NUM_IMAGES = 6
+
+
+def tiny_model(seed):
+    """A random decoder over VOCAB tokens and NUM_IMAGES feature maps of 3 pixels. Its weights are
+    scaled up so that word probabilities are peaked and depend on the words before: the best captions
+    then end at different lengths, and beams narrower than the whole tree miss some of them."""
+    torch.manual_seed(seed)
+    decoder = DecoderWithAttention(vocab_size=VOCAB, encoder_dim=6, attention_dim=4, embed_dim=3,
+                                   decoder_dim=8, dropout=0.0).eval()
+    with torch.no_grad():
+        decoder.embedding.weight.mul_(30.0)
+        decoder.lstm.weight_ih.mul_(3.0)
+        decoder.lstm.weight_hh.mul_(3.0)
+        decoder.fc.weight.mul_(50.0)
+        decoder.fc.bias[END] = -2.0
+    return decoder, torch.randn(NUM_IMAGES, 3, 6) * 2
+
+
+def every_caption(max_steps):
+    """[(words, finished)]: every finished caption (at most max_steps - 1 words, then <end>) and every
+    unfinished one (max_steps words, none of them <end>)."""
+    words = [w for w in range(VOCAB) if w != END]
+    finished = [(list(seq), True) for n in range(max_steps) for seq in itertools.product(words, repeat=n)]
+    unfinished = [(list(seq), False) for seq in itertools.product(words, repeat=max_steps)]
+    return finished + unfinished
+
+
+def teacher_forced_log_prob(decoder, features, captions):
+    """Summed log-probability of each (words, finished) caption of one image (features (1, P, E)),
+    <end> included for a finished one, from the teacher-forced forward pass. Returns (N,)."""
+    tokens = [[START] + words + ([END] if finished else []) for words, finished in captions]
+    lengths = torch.tensor([len(t) for t in tokens])
+    padded = torch.zeros(len(tokens), int(lengths.max()), dtype=torch.long)
+    for i, t in enumerate(tokens):
+        padded[i, :len(t)] = torch.tensor(t)
+    with torch.no_grad():
+        scores, _, decode_lengths = decoder(features.expand(len(tokens), -1, -1), padded, lengths)
+    log_probs = F.log_softmax(scores, dim=2).gather(2, padded[:, 1:scores.shape[1] + 1].unsqueeze(2)).squeeze(2)
+    real = torch.arange(scores.shape[1]).unsqueeze(0) < decode_lengths.unsqueeze(1)  # (N, T)
+    return (log_probs * real).sum(dim=1)
+
+
+def oracle_best_finished(decoder, features):
+    """The best finished caption of each image by exhaustive search: [(words, log-probability)]."""
+    captions = [c for c in every_caption(MAX_STEPS) if c[1]]
+    best = []
+    for i in range(features.shape[0]):
+        log_probs = teacher_forced_log_prob(decoder, features[i:i + 1], captions)
+        top = int(log_probs.argmax())
+        best.append((captions[top][0], float(log_probs[top])))
+    return best
+
+
+def beam_holding_every_hypothesis():
+    """A beam size at which no caption is ever pushed out: every hypothesis of the last step fits."""
+    return len(every_caption(MAX_STEPS))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_beam_search_wide_enough_for_every_caption_returns_the_best_finished_one(seed):
+    decoder, features = tiny_model(seed)
+    expected = oracle_best_finished(decoder, features)
+    tokens, scores = decoder.beam_search(features, START, END, beam_size=beam_holding_every_hypothesis(),
+                                         max_steps=MAX_STEPS, return_scores=True)
+    assert tokens == [words for words, _ in expected]
+    for score, (_, log_prob) in zip(scores, expected):
+        assert score == pytest.approx(log_prob, abs=1e-4)
+    assert len({len(t) for t in tokens}) > 1  # the best captions end at different steps
+
+
+@pytest.mark.parametrize("beam_size", [1, 2, 3, 7])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_returned_score_is_the_teacher_forced_log_probability_of_its_caption(seed, beam_size):
+    decoder, features = tiny_model(seed)
+    tokens, alphas, scores = decoder.beam_search(features, START, END, beam_size=beam_size,
+                                                 max_steps=MAX_STEPS, return_alphas=True, return_scores=True)
+    best = oracle_best_finished(decoder, features)
+    for i, (words, score) in enumerate(zip(tokens, scores)):
+        assert END not in words and len(words) <= MAX_STEPS
+        finished = len(words) < MAX_STEPS  # a finished caption spent one of its steps on <end>
+        expected = teacher_forced_log_prob(decoder, features[i:i + 1], [(words, finished)])
+        assert score == pytest.approx(float(expected), abs=1e-4)
+        if finished:  # a finished caption can be no better than the best of them all
+            assert score <= best[i][1] + 1e-4
+        # Each word's attention map is the one the teacher-forced pass gives that word.
+        full = [START] + words + ([END] if finished else [])
+        with torch.no_grad():
+            _, teacher_alphas, _ = decoder(features[i:i + 1], torch.tensor([full]), torch.tensor([len(full)]))
+        torch.testing.assert_close(alphas[i], teacher_alphas[0, :len(words)])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_decoding_takes_the_teacher_forced_best_word_at_every_step(seed):
+    decoder, features = tiny_model(seed)
+    tokens, scores = decoder.greedy_decode(features, START, END, max_steps=MAX_STEPS, return_scores=True)
+    for i, words in enumerate(tokens):
+        finished = len(words) < MAX_STEPS
+        full = [START] + words + ([END] if finished else [])
+        caption = torch.tensor([full])
+        with torch.no_grad():
+            step_scores, _, _ = decoder(features[i:i + 1], caption, torch.tensor([len(full)]))
+        assert step_scores[0].argmax(dim=1).tolist() == full[1:]
+        expected = teacher_forced_log_prob(decoder, features[i:i + 1], [(words, finished)])
+        assert scores[i] == pytest.approx(float(expected), abs=1e-4)

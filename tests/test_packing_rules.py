@@ -1,0 +1,98 @@
+"""Packing's rules, checked on small datasets the tests write themselves: how many captions each image
+keeps, which words enter the word map, which captions are too long, and the pixels a model sees."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import create_input_files
+from datasets import CaptionDataset
+
+# ImageNet's statistics, written out here rather than imported: what every torchvision model expects.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def pack(tmp_path, captions_per_image_list, *extra, colours=None):
+    """Pack one solid 8x8 PNG per entry of `captions_per_image_list` (a list of caption lists), all in
+    the training split but one image each for val and test. Returns the output folder."""
+    images = []
+    entries = [(caps, "train") for caps in captions_per_image_list] + [(["val words"], "val"),
+                                                                      (["test words"], "test")]
+    for i, (caps, split) in enumerate(entries):
+        colour = (colours or {}).get(i, (10 * i % 256, 200, 30))
+        Image.new("RGB", (8, 8), colour).save(tmp_path / f"im{i}.png")
+        images.append({"filepath": "", "filename": f"im{i}.png", "imgid": i, "split": split,
+                       "sentences": [{"raw": c} for c in caps]})
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": images}))
+    out = tmp_path / "packed"
+    create_input_files.main(["--dataset", "coco", "--karpathy-json", str(tmp_path / "dataset.json"),
+                             "--image-folder", str(tmp_path), "--output-folder", str(out), "--image-size", "8",
+                             "--workers", "0", *map(str, extra)])
+    return out
+
+
+def packed_train_captions(out):
+    """The packed training captions as word lists, grouped per image, read straight from the files."""
+    word_map = json.loads((out / "word_map.json").read_text())
+    words = {i: w for w, i in word_map.items()}
+    with h5py.File(out / "train.h5") as f:
+        per_image = int(f.attrs["captions_per_image"])
+        rows = [[words[t] for t in caption[1:length - 1]] for caption, length in zip(f["captions"][:], f["lengths"][:])]
+        # Every row is <start> words <end>: check the frame here, so the words above are all there is.
+        assert all(caption[0] == word_map["<start>"] and caption[length - 1] == word_map["<end>"]
+                   for caption, length in zip(f["captions"][:], f["lengths"][:]))
+    return [rows[i:i + per_image] for i in range(0, len(rows), per_image)], word_map
+
+
+def test_every_image_keeps_exactly_captions_per_image_of_its_own_captions(tmp_path):
+    own = [[f"image {i} says {w}" for w in ("one", "two", "three", "four", "five", "six", "seven")[:n]]
+           for i, n in enumerate([1, 2, 3, 4, 5, 6, 7])]
+    out = pack(tmp_path, own, "--captions-per-image", 5, "--min-word-freq", 1)
+    groups, _ = packed_train_captions(out)
+    assert len(groups) == 7
+    for captions, kept in zip(own, groups):
+        texts = [" ".join(words) for words in kept]
+        assert len(texts) == 5 and set(texts) <= set(captions)
+        if len(captions) <= 5:  # fewer than required: every caption is used, some of them twice
+            assert set(texts) == set(captions)
+        else:  # more than required: 5 different ones
+            assert len(set(texts)) == 5
+
+
+def test_words_below_the_minimum_frequency_become_unk_and_the_rest_are_kept(tmp_path):
+    # "twice" appears in 2 training captions, "once" in 1; val and test words never count.
+    out = pack(tmp_path, [["a twice"], ["a twice"], ["a once"]], "--captions-per-image", 1, "--min-word-freq", 2)
+    groups, word_map = packed_train_captions(out)
+    assert "twice" in word_map and "a" in word_map
+    assert "once" not in word_map and "val" not in word_map and "test" not in word_map
+    assert [g[0] for g in groups] == [["a", "twice"], ["a", "twice"], ["a", "<unk>"]]
+
+
+def test_captions_longer_than_max_len_are_dropped_and_counted(tmp_path):
+    out = pack(tmp_path, [["one two three four"], ["one two three four five", "one two"]],
+               "--captions-per-image", 1, "--max-len", 4, "--min-word-freq", 1)
+    groups, _ = packed_train_captions(out)
+    assert [g[0] for g in groups] == [["one", "two", "three", "four"], ["one", "two"]]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dropped"]["long_captions"] == 1
+
+
+def test_the_model_sees_imagenet_normalised_pixels_of_the_right_image_for_each_caption(tmp_path):
+    colours = {0: (0, 128, 255), 1: (255, 0, 64), 2: (30, 60, 90)}
+    out = pack(tmp_path, [["first"], ["second", "second again"], ["third"]], "--captions-per-image", 2,
+               "--min-word-freq", 1, colours=colours)
+    dataset = CaptionDataset(out, "train")
+    assert len(dataset) == 6
+    word_map = json.loads((out / "word_map.json").read_text())
+    for i in range(len(dataset)):
+        image, caption, length = dataset[i]
+        owner = i // 2  # captions are stored image by image, 2 per image here
+        expected = torch.tensor([(c / 255.0 - m) / s for c, m, s in zip(colours[owner], MEAN, STD)])
+        torch.testing.assert_close(image, expected.view(3, 1, 1).expand(3, 8, 8), atol=1e-5, rtol=0)
+        first_word = caption[1].item()
+        assert first_word == word_map[["first", "second", "third"][owner]]
+        assert length.item() >= 3
