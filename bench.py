@@ -359,7 +359,7 @@ class StepTimer:
             self.data_time = time.perf_counter() - self.step_start
             yield batch
 
-    def on_step(self, _samples_done):
+    def on_step(self):
         self.mark("step_end")
         end = clock(self.device)
         decoder_end = "encoder_backward_start" if "encoder_backward_start" in self.marks else "backward_end"
@@ -402,17 +402,14 @@ def section_training(spec):
     encoder, decoder = build_models(vars(args), VOCAB)
     encoder.to(device)
     decoder.to(device)
-    # As train.py builds them.
-    encoder_params = [p for p in encoder.parameters() if p.requires_grad]
-    optimizers = [torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)]
-    if encoder_params:
-        optimizers.append(torch.optim.Adam(encoder_params, lr=args.encoder_lr))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    optimizers = train.build_optimizers(encoder, decoder, args)
     dataset = CaptionDataset(args.data_folder, "train")
+    run = train.Run(args, encoder, decoder, optimizers, train.build_scaler(device, args.amp), train.Progress(),
+                    word_map={}, image_size=dataset.manifest["image_size"], device=device)
     loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, drop_last=True, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=train._worker_init,
+                        pin_memory=device.type == "cuda", worker_init_fn=train.worker_init,
                         persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(0))
-    trainable = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    trainable = [p for opt in run.active_optimizers() for group in opt.param_groups for p in group["params"]]
     calibrate_batchnorm(encoder, torch.stack([dataset[i][0] for i in range(BATCH_SIZE)]).to(device))
     timer = StepTimer(device, encoder, decoder, trainable)
     warmup = spec["warmup_steps"]
@@ -420,13 +417,12 @@ def section_training(spec):
     if steps * BATCH_SIZE > len(dataset):
         raise RuntimeError(f"{len(dataset)} captions packed, {steps * BATCH_SIZE} needed")
     with PeakMemory(device) as memory:
-        train.train_one_epoch(encoder, decoder, timer.loader(loader, steps), optimizers, scaler, args, device,
-                              epoch=0, samples_done=0, world_size=1, on_step=timer.on_step,
-                              stop=train.StopRequested(), show_progress=False)
+        train.train_one_epoch(run, timer.loader(loader, steps), train.StopRequested(), show_progress=False,
+                              on_step=timer.on_step)
     timed = timer.steps[warmup:]
     parts = {k: median([s[k] for s in timed]) for k in timed[0]}
     return {"fine_tune": spec["fine_tune"], "workers": args.workers, "amp": args.amp,
-            "trainable_encoder_params": sum(p.numel() for p in encoder_params),
+            "trainable_encoder_params": sum(p.numel() for p in encoder.parameters() if p.requires_grad),
             "captions_per_s": BATCH_SIZE / parts["step"], "median_seconds": parts,
             "data_fraction": parts["data"] / parts["step"], "steps": timed, "peak_memory_mib": memory.mib}
 

@@ -285,6 +285,44 @@ class ImageRunWriter:
         self.pending = []
 
 
+def tokenize_records(records, max_len, dropped):
+    """Give each record its captions' tokens ("tokens"), without empty captions and those of more
+    than `max_len` words; returns the records left with at least one caption. Counts in `dropped`."""
+    for record in records:
+        tokenized = []
+        for caption in record["captions"]:
+            tokens = tokenize(caption)
+            if not tokens:
+                dropped["empty_captions"] += 1
+            elif len(tokens) > max_len:
+                dropped["long_captions"] += 1
+            else:
+                tokenized.append(tokens)
+        record["tokens"] = tokenized
+    usable = [r for r in records if r["tokens"]]
+    dropped["images_without_captions"] = len(records) - len(usable)
+    return usable
+
+
+def write_images(records, split_files, args, kept, bad_images):
+    """Decode every record's image into its split's file; append the records written to kept[split]
+    and the paths of images that could not be read to `bad_images` (with --skip-bad-images)."""
+    writers = {split: ImageRunWriter(split_files[split]["images"]) for split in SPLITS}
+    progress = tqdm(decode_images(records, args.image_size, args.workers), total=len(records),
+                    desc="packing images", unit="img", file=sys.stderr)
+    for index, pixels, error in progress:
+        record = records[index]
+        if error is not None:
+            if not args.skip_bad_images:
+                raise UserError(f"{error}; fix or remove it, or pass --skip-bad-images")
+            bad_images.append(str(record["path"]))
+            continue
+        writers[record["split"]].add(pixels)
+        kept[record["split"]].append(record)
+    for writer in writers.values():
+        writer.flush()
+
+
 def pack(args):
     """The whole packing run; returns the manifest it wrote."""
     out = args.output_folder
@@ -298,21 +336,8 @@ def pack(args):
     else:
         records = read_coco_annotations(args.coco_annotations, args.image_folder, args.val_size,
                                         args.test_size, args.seed)
-
     dropped = Counter()
-    for record in records:
-        tokenized = []
-        for caption in record["captions"]:
-            tokens = tokenize(caption)
-            if not tokens:
-                dropped["empty_captions"] += 1
-            elif len(tokens) > args.max_len:
-                dropped["long_captions"] += 1
-            else:
-                tokenized.append(tokens)
-        record["tokens"] = tokenized
-    usable = [r for r in records if r["tokens"]]
-    dropped["images_without_captions"] = len(records) - len(usable)
+    usable = tokenize_records(records, args.max_len, dropped)
 
     # Images first, so that the word map counts only the captions of images that were kept.
     bad_images = []
@@ -325,21 +350,7 @@ def pack(args):
                 "images", shape=(0, 3, args.image_size, args.image_size),
                 maxshape=(None, 3, args.image_size, args.image_size), dtype="uint8",
                 chunks=(1, 3, args.image_size, args.image_size))
-        writers = {split: ImageRunWriter(split_files[split]["images"]) for split in SPLITS}
-        progress = tqdm(decode_images(usable, args.image_size, args.workers), total=len(usable),
-                        desc="packing images", unit="img", file=sys.stderr)
-        for index, pixels, error in progress:
-            record = usable[index]
-            if error is not None:
-                if not args.skip_bad_images:
-                    raise UserError(f"{error}; fix or remove it, or pass --skip-bad-images")
-                bad_images.append(str(record["path"]))
-                continue
-            writers[record["split"]].add(pixels)
-            kept[record["split"]].append(record)
-        for writer in writers.values():
-            writer.flush()
-
+        write_images(usable, split_files, args, kept, bad_images)
         word_map = build_word_map([r["tokens"] for r in kept["train"]], args.min_word_freq)
         for split in SPLITS:
             write_captions(split_files[split], kept[split], word_map, args)

@@ -13,17 +13,16 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import random
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from checkpoints import (ARCH_ARGS, CHECKPOINT_VERSION, build_models, load_checkpoint, load_model_weights,
                          rng_state, save_checkpoint, set_rng_state)
 from datasets import CaptionDataset, read_word_map, reference_tokens
-from losses import attention_penalty, caption_loss, real_words, top5_correct
+from losses import caption_loss, caption_loss_sums, loss_from_sums, top5_correct
 from metrics import AverageMeter, bleu_scores
 from models import RESNET_ARCHS, RESNET_BLOCKS
 from utils import UserError, atomic_write, keep_freed_memory, resolve_device, run_main
@@ -40,6 +39,18 @@ from utils import UserError, atomic_write, keep_freed_memory, resolve_device, ru
 def parse_args(argv=None):
     """Command-line flags, grouped as data / model / optimisation / system."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_and_model_flags(parser)
+    add_optimisation_flags(parser.add_argument_group("optimisation"))
+    add_system_flags(parser.add_argument_group("system"))
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "encoded_size", "val_beam_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def add_data_and_model_flags(parser):
+    """The data group, and the model group whose values a checkpoint fixes."""
     data = parser.add_argument_group("data")
     data.add_argument("--data-folder", type=Path, required=True,
                       help="output folder of create_input_files.py")
@@ -66,7 +77,9 @@ def parse_args(argv=None):
     model.add_argument("--encoder-weights", type=Path, default=None,
                        help="start the encoder from this torchvision state dict file instead")
 
-    opt = parser.add_argument_group("optimisation")
+
+def add_optimisation_flags(opt):
+    """Epochs, batch, learning rates and their decay, the loss's weights, validation decoding."""
     opt.add_argument("--epochs", type=int, default=120, help="most epochs to train (default 120)")
     opt.add_argument("--batch-size", type=int, default=32,
                      help="captions per step per process: under torchrun the global batch is "
@@ -89,7 +102,9 @@ def parse_args(argv=None):
     opt.add_argument("--val-beam-size", type=int, default=1,
                      help="beam size of the decoding that gives validation BLEU-4 (default 1, greedy)")
 
-    system = parser.add_argument_group("system")
+
+def add_system_flags(system):
+    """Device, mixed precision, seed, resuming and periodic checkpoints."""
     system.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     system.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                         help="mixed precision on CUDA: bf16, or fp16 with a gradient scaler (default none)")
@@ -98,11 +113,6 @@ def parse_args(argv=None):
                         help="continue from this checkpoint (last.pt) exactly where it stopped")
     system.add_argument("--save-every", type=int, default=0,
                         help="also write last.pt every N training steps (default 0: each epoch only)")
-    args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "encoded_size", "val_beam_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +141,7 @@ def all_reduce_sum(values, device, world_size):
     return tensor.tolist()
 
 
-def _worker_init(_):
+def worker_init(_):
     """DataLoader workers decode and normalise only: one thread each, so they do not starve training.
     Ctrl-C, and a scheduler's SIGTERM, reach the whole process group: the main process saves a
     checkpoint and shuts the workers down itself, so the workers ignore both."""
@@ -147,7 +157,157 @@ def autocast(device, amp):
 
 
 # ----------------------------------------------------------------------------------------------
-# One epoch of training, and validation
+# The run: models, optimisers, progress, and the checkpoints that hold them
+
+
+@dataclass
+class Progress:
+    """How far a run has come: what a checkpoint holds besides weights, optimisers and arguments."""
+
+    epoch: int = 0  # the epoch being trained, or the next one at an epoch boundary
+    samples_done: int = 0  # samples of `epoch` already trained, over all processes
+    best_bleu4: float = -1.0
+    epochs_since_improvement: int = 0
+    history: list = field(default_factory=list)  # one dict of metrics per finished epoch
+
+
+@dataclass
+class Run:
+    """One training run on this process. Under torchrun the models are DDP-wrapped; checkpoints hold
+    the plain modules."""
+
+    args: argparse.Namespace
+    encoder: torch.nn.Module
+    decoder: torch.nn.Module
+    optimizers: dict  # {"decoder": Adam, "encoder": Adam or None (frozen encoder)}
+    scaler: torch.amp.GradScaler
+    progress: Progress
+    word_map: dict
+    image_size: int
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self):
+        """Rank 0 logs and writes files; the other processes only train."""
+        return self.rank == 0
+
+    def active_optimizers(self):
+        """The optimisers in use: the encoder's only when it is fine-tuned."""
+        return [opt for opt in self.optimizers.values() if opt is not None]
+
+    def checkpoint(self):
+        """The whole training state as plain types and state dicts (loadable with weights_only=True)."""
+        encoder_optimizer = self.optimizers["encoder"]
+        return {
+            "format_version": CHECKPOINT_VERSION,
+            "encoder": unwrap(self.encoder).state_dict(), "decoder": unwrap(self.decoder).state_dict(),
+            "decoder_optimizer": self.optimizers["decoder"].state_dict(),
+            "encoder_optimizer": encoder_optimizer.state_dict() if encoder_optimizer else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": self.progress.epoch, "samples_done": self.progress.samples_done,
+            "best_bleu4": self.progress.best_bleu4,
+            "epochs_since_improvement": self.progress.epochs_since_improvement,
+            "history": self.progress.history, "args": plain(vars(self.args)), "word_map": self.word_map,
+            "rng": rng_state(), "image_size": self.image_size,
+        }
+
+    def save(self, *names):
+        """Write the checkpoint once under each of `names` in --output-dir (rank 0 only)."""
+        if self.is_main:
+            state = self.checkpoint()
+            for name in names:
+                save_checkpoint(self.args.output_dir / name, state)
+
+
+def plain(arguments):
+    """Arguments as JSON- and weights_only-friendly values (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in arguments.items()}
+
+
+def unwrap(module):
+    """The plain module under DistributedDataParallel (what checkpoints hold)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def build_optimizers(encoder, decoder, args):
+    """Adam for the decoder, and for the encoder's trainable blocks when it is fine-tuned."""
+    encoder_params = [p for p in encoder.parameters() if p.requires_grad]
+    return {"decoder": torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr),
+            "encoder": torch.optim.Adam(encoder_params, lr=args.encoder_lr) if encoder_params else None}
+
+
+def build_scaler(device, amp):
+    """A gradient scaler, enabled for fp16 only (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
+def decay_learning_rates(optimizers, factor):
+    """Multiply every learning rate by `factor`."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] *= factor
+
+
+def lr_decay_due(progress, args):
+    """At an epoch's start: has the run gone a multiple of --lr-decay-patience epochs without improving?"""
+    since = progress.epochs_since_improvement
+    return progress.samples_done == 0 and since > 0 and since % args.lr_decay_patience == 0
+
+
+def check_resume_compatible(state, args, path):
+    """Refuse to resume with architecture arguments that differ from the checkpoint's."""
+    saved = state["args"]
+    differing = [f"--{name.replace('_', '-')} {saved[name]} (checkpoint) vs {getattr(args, name)} (now)"
+                 for name in ARCH_ARGS if saved.get(name) != getattr(args, name)]
+    if differing:
+        raise UserError(f"{path}: cannot resume with other architecture arguments: "
+                        + "; ".join(differing) + ". Pass the checkpoint's values or start a new run")
+
+
+def read_resume_checkpoint(path, args, word_map):
+    """The checkpoint --resume names, checked against this run's arguments and word map. How the
+    encoder was initialised belongs to the run, not to this invocation: args takes it from there."""
+    state = load_checkpoint(path)
+    check_resume_compatible(state, args, path)
+    if state["word_map"] != word_map:
+        raise UserError(f"{path}: its word map differs from {args.data_folder}'s; "
+                        "resume on the data folder the run started with")
+    args.pretrained, args.encoder_weights = state["args"]["pretrained"], state["args"]["encoder_weights"]
+    return state
+
+
+def resume_training(state, optimizers, scaler, args, world_size):
+    """Load a checkpoint's optimisers, scaler and (on one process) random state; returns its Progress.
+
+    Under torchrun each process draws its own dropout masks from its own seed (see `train`), and the
+    checkpoint holds rank 0's state only, so only a single-process run continues the exact stream.
+    """
+    optimizers["decoder"].load_state_dict(state["decoder_optimizer"])
+    if optimizers["encoder"] and state.get("encoder_optimizer"):
+        optimizers["encoder"].load_state_dict(state["encoder_optimizer"])
+    if state.get("scaler") and args.amp == "fp16":
+        scaler.load_state_dict(state["scaler"])
+    if world_size == 1:
+        set_rng_state(state["rng"])
+    return Progress(epoch=state["epoch"], samples_done=state["samples_done"], best_bleu4=state["best_bleu4"],
+                    epochs_since_improvement=state["epochs_since_improvement"], history=state["history"])
+
+
+def write_metrics_csv(path, history):
+    """Rewrite metrics.csv from the whole history, atomically (one row per finished epoch)."""
+    if not history:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0].keys()))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+# ----------------------------------------------------------------------------------------------
+# One step, one epoch of training, and validation
 
 
 class StopRequested:
@@ -174,67 +334,77 @@ class TrainingDiverged(UserError):
                    f"{keeps}{hint}")
 
 
-def train_one_epoch(encoder, decoder, loader, optimizers, scaler, args, device, epoch, samples_done,
-                    world_size, on_step, stop, show_progress):
-    """Teacher-forced training over `loader`; returns (loss meter, top-5 meter, samples done, stopped).
+def train_step(run, images, captions, lengths, step, stop):
+    """One teacher-forced optimisation step. Returns (loss, real-word scores (N, V) and targets (N,),
+    whether any process was asked to stop). Raises TrainingDiverged instead of applying an update
+    that is not finite."""
+    args, optimizers = run.args, run.active_optimizers()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    with autocast(run.device, args.amp):
+        scores, alphas, decode_lengths = run.decoder(run.encoder(images), captions, lengths)
+        loss, real_scores, real_targets = caption_loss(scores, captions, decode_lengths, alphas, args.alpha_c)
+    run.scaler.scale(loss).backward()
+    for opt in optimizers:
+        run.scaler.unscale_(opt)
+    # Check before clipping, which would turn an inf gradient into +-grad_clip and hide it, and
+    # before the step, which would write NaN into the weights. With fp16 the scaler skips a step
+    # with inf/NaN gradients and lowers its scale, which is normal: only the loss counts there.
+    trainable = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    bad_grads = False
+    if not run.scaler.is_enabled():
+        # One norm over all gradients (foreach kernels, not one check per tensor): inf or NaN if
+        # any gradient is, or if one is too large (~1e19) to square in float32.
+        grads = [p.grad for p in trainable if p.grad is not None]
+        bad_grads = bool(grads) and not bool(torch.nn.utils.get_total_norm(grads).isfinite())
+    # One small all-reduce keeps every process deciding alike about NaNs and stop signals.
+    bad_loss, bad_grads, stop_flag = all_reduce_sum(
+        [float(not torch.isfinite(loss)), float(bad_grads), float(stop.signal is not None)], run.device,
+        run.world_size)
+    epoch = run.progress.epoch
+    if bad_loss:
+        raise TrainingDiverged.at(f"the loss became {loss.item()}", epoch, step, args)
+    if bad_grads:
+        raise TrainingDiverged.at(f"a gradient became inf or NaN (loss {loss.item():.4g})", epoch, step, args)
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_value_(trainable, args.grad_clip)
+    for opt in optimizers:
+        run.scaler.step(opt)
+    run.scaler.update()
+    return loss, real_scores, real_targets, bool(stop_flag)
 
-    `on_step(samples_done)` runs after every step (periodic checkpoints); `stop` is checked after
-    every step, and so is the loss, so that non-finite weights are never saved.
+
+def train_one_epoch(run, loader, stop, show_progress=True, on_step=None):
+    """Teacher-forced training over `loader` (the rest of the epoch, when resumed mid-epoch).
+
+    Advances run.progress.samples_done, writes last.pt every --save-every steps, and calls
+    `on_step()` after each step when given (bench.py times steps with it). Returns the loss and
+    top-5 meters of the steps run, and whether a stop signal ended the epoch early.
     """
-    encoder.train()
-    decoder.train()
-    trainable = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    args, progress = run.args, run.progress
+    run.encoder.train()
+    run.decoder.train()
     losses, top5 = AverageMeter(), AverageMeter()
-    progress = tqdm(loader, desc=f"epoch {epoch}", unit="batch", file=sys.stderr,
-                    disable=not show_progress, dynamic_ncols=True)
-    first_step = samples_done // (args.batch_size * world_size)  # > 0 when resumed mid-epoch
-    for step, (images, captions, lengths) in enumerate(progress, start=first_step):
-        images = images.to(device, non_blocking=True)
-        captions = captions.to(device, non_blocking=True)
-        lengths = lengths.to(device, non_blocking=True)
+    bar = tqdm(loader, desc=f"epoch {progress.epoch}", unit="batch", file=sys.stderr,
+               disable=not show_progress, dynamic_ncols=True)
+    first_step = progress.samples_done // (args.batch_size * run.world_size)  # > 0 when resumed mid-epoch
+    for step, (images, captions, lengths) in enumerate(bar, start=first_step):
+        images = images.to(run.device, non_blocking=True)
+        captions = captions.to(run.device, non_blocking=True)
+        lengths = lengths.to(run.device, non_blocking=True)
+        loss, real_scores, real_targets, stopped = train_step(run, images, captions, lengths, step, stop)
 
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        with autocast(device, args.amp):
-            scores, alphas, decode_lengths = decoder(encoder(images), captions, lengths)
-            loss, real_scores, real_targets = caption_loss(scores, captions, decode_lengths, alphas,
-                                                           args.alpha_c)
-        scaler.scale(loss).backward()
-        for opt in optimizers:
-            scaler.unscale_(opt)
-        # Check before clipping, which would turn an inf gradient into +-grad_clip and hide it, and
-        # before the step, which would write NaN into the weights. With fp16 the scaler skips a step
-        # with inf/NaN gradients and lowers its scale, which is normal: only the loss counts there.
-        bad_grads = False
-        if not scaler.is_enabled():
-            # One norm over all gradients (foreach kernels, not one check per tensor): inf or NaN if
-            # any gradient is, or if one is too large (~1e19) to square in float32.
-            grads = [p.grad for p in trainable if p.grad is not None]
-            bad_grads = bool(grads) and not bool(torch.nn.utils.get_total_norm(grads).isfinite())
-        # One small all-reduce keeps every process deciding alike about NaNs and stop signals.
-        bad_loss, bad_grads, stop_flag = all_reduce_sum(
-            [float(not torch.isfinite(loss)), float(bad_grads), float(stop.signal is not None)], device,
-            world_size)
-        if bad_loss:
-            raise TrainingDiverged.at(f"the loss became {loss.item()}", epoch, step, args)
-        if bad_grads:
-            raise TrainingDiverged.at(f"a gradient became inf or NaN (loss {loss.item():.4g})", epoch, step,
-                                      args)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_value_(trainable, args.grad_clip)
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()
-
-        samples_done += images.shape[0] * world_size
+        progress.samples_done += images.shape[0] * run.world_size
         losses.update(loss.item(), real_targets.numel())
-        top5.update(top5_correct(real_scores, real_targets) / max(real_targets.numel(), 1),
-                    real_targets.numel())
-        progress.set_postfix(loss=f"{losses.avg:.3f}", top5=f"{100 * top5.avg:.1f}%")
-        on_step(samples_done)
-        if stop_flag:
-            return losses, top5, samples_done, True
-    return losses, top5, samples_done, False
+        top5.update(top5_correct(real_scores, real_targets) / max(real_targets.numel(), 1), real_targets.numel())
+        bar.set_postfix(loss=f"{losses.avg:.3f}", top5=f"{100 * top5.avg:.1f}%")
+        if args.save_every and (progress.samples_done // (args.batch_size * run.world_size)) % args.save_every == 0:
+            run.save("last.pt")
+        if on_step is not None:
+            on_step()
+        if stopped:
+            return losses, top5, True
+    return losses, top5, False
 
 
 @torch.no_grad()
@@ -247,8 +417,8 @@ def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size
     """
     encoder.eval()
     decoder.eval()
-    decoder_module = decoder.module if isinstance(decoder, DistributedDataParallel) else decoder
-    word_loss_sum = penalty_sum = num_captions = words = correct = 0.0
+    decoder = unwrap(decoder)
+    sums = dict.fromkeys(("word_loss", "words", "penalty", "captions", "top5"), 0.0)
     decoded, references = [], {}
     for images, captions, lengths, indices in loader:
         images = images.to(device, non_blocking=True)
@@ -257,24 +427,18 @@ def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size
         flat_lengths = lengths.view(-1).to(device)  # (B*C,)
         with autocast(device, amp):
             features = encoder(images)  # (B, P, E)
-            scores, alphas, decode_lengths = decoder_module(
-                features.repeat_interleave(per_image, dim=0), flat_captions, flat_lengths)
-            real_scores, real_targets = real_words(scores, flat_captions, decode_lengths)
-            hypotheses = decoder_module.beam_search(features, word_map["<start>"], word_map["<end>"],
-                                                    beam_size=beam_size, max_steps=max_steps)
-        # Sums, not batch means, so that the loss does not depend on how the split is batched or
-        # sharded: caption_loss's cross-entropy is per word, its attention penalty per caption.
-        word_loss_sum += F.cross_entropy(real_scores, real_targets, reduction="sum").item()
-        penalty_sum += attention_penalty(alphas).sum().item()
-        num_captions += alphas.shape[0]
-        words += real_targets.numel()
-        correct += top5_correct(real_scores, real_targets)
+            scores, alphas, decode_lengths = decoder(features.repeat_interleave(per_image, dim=0), flat_captions,
+                                                     flat_lengths)
+            hypotheses = decoder.beam_search(features, word_map["<start>"], word_map["<end>"],
+                                             beam_size=beam_size, max_steps=max_steps)
+        # Sums, not batch means, so that the loss does not depend on how the split is batched or sharded.
+        for key, value in caption_loss_sums(scores, flat_captions, decode_lengths, alphas).items():
+            sums[key] += value
         for index, hypothesis, caps, lens in zip(indices.tolist(), hypotheses, captions, lengths):
             decoded.append((index, hypothesis))
             references[index] = reference_tokens(caps, lens, word_map)
 
-    word_loss_sum, penalty_sum, num_captions, words, correct = all_reduce_sum(
-        [word_loss_sum, penalty_sum, num_captions, words, correct], device, world_size)
+    sums = dict(zip(sums, all_reduce_sum(list(sums.values()), device, world_size)))
     if world_size > 1:
         gathered = [None] * world_size
         torch_dist.all_gather_object(gathered, (decoded, references))
@@ -282,40 +446,70 @@ def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size
         references = {k: v for _, refs in gathered for k, v in refs.items()}
     decoded.sort()
     bleu = bleu_scores([references[i] for i, _ in decoded], [h for _, h in decoded])
-    val_tf_loss = word_loss_sum / max(words, 1) + alpha_c * penalty_sum / max(num_captions, 1)
-    metrics = {"val_tf_loss": val_tf_loss, "val_tf_top5": correct / max(words, 1),
+    metrics = {"val_tf_loss": loss_from_sums(sums, alpha_c), "val_tf_top5": sums["top5"] / max(sums["words"], 1),
                "val_decoded_bleu4": bleu["bleu4"]}
     return metrics, decoded
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints and logs
+# The epoch loop
 
 
-def check_resume_compatible(state, args, path):
-    """Refuse to resume with architecture arguments that differ from the checkpoint's."""
-    saved = state["args"]
-    differing = [f"--{name.replace('_', '-')} {saved[name]} (checkpoint) vs {getattr(args, name)} (now)"
-                 for name in ARCH_ARGS if saved.get(name) != getattr(args, name)]
-    if differing:
-        raise UserError(f"{path}: cannot resume with other architecture arguments: "
-                        + "; ".join(differing) + ". Pass the checkpoint's values or start a new run")
+def fit(run, train_set, val_loader, loader_options, stop):
+    """Train epoch after epoch: validate by decoding, keep the best checkpoint, decay learning
+    rates, stop early. Returns the history of per-epoch metrics."""
+    args, progress = run.args, run.progress
+    sampler = DistributedSampler(train_set, num_replicas=run.world_size, rank=run.rank, shuffle=True,
+                                 seed=args.seed)
+    max_steps = train_set.manifest["max_len"] + 1  # every word and <end>
+    while progress.epoch < args.epochs and progress.epochs_since_improvement < args.early_stop_patience:
+        if lr_decay_due(progress, args):
+            decay_learning_rates(run.active_optimizers(), args.lr_decay_factor)
+
+        # Train. Resumed mid-epoch, skip the samples this epoch already trained on (every process
+        # has trained as many: DistributedSampler pads the shards to equal length).
+        sampler.set_epoch(progress.epoch)
+        skip = progress.samples_done // run.world_size
+        train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=list(sampler)[skip:],
+                                  **loader_options)
+        started = time.time()
+        losses, top5, stopped = train_one_epoch(run, train_loader, stop, show_progress=run.is_main)
+        if stopped:
+            # Under torchrun a process whose own signal has not arrived yet stops with the others.
+            signum = stop.signal or signal.SIGTERM
+            run.save("last.pt")
+            if run.is_main:
+                print(f"stopped by signal {signum}; saved {args.output_dir / 'last.pt'} (resume with --resume)",
+                      file=sys.stderr)
+            raise SystemExit(128 + signum)
+
+        # Validate by decoding, and keep the best epoch.
+        metrics, _ = validate(run.encoder, run.decoder, val_loader, run.word_map, run.device, args.amp,
+                              args.alpha_c, args.val_beam_size, max_steps, run.world_size)
+        improved = metrics["val_decoded_bleu4"] > progress.best_bleu4
+        progress.best_bleu4 = max(progress.best_bleu4, metrics["val_decoded_bleu4"])
+        progress.epochs_since_improvement = 0 if improved else progress.epochs_since_improvement + 1
+        loss_sum, top5_sum, words = all_reduce_sum([losses.sum, top5.sum, losses.count], run.device, run.world_size)
+        progress.history.append({
+            "epoch": progress.epoch, "train_loss": loss_sum / max(words, 1), "train_top5": top5_sum / max(words, 1),
+            **metrics, "decoder_lr": run.optimizers["decoder"].param_groups[0]["lr"],
+            "encoder_lr": run.optimizers["encoder"].param_groups[0]["lr"] if run.optimizers["encoder"] else 0.0,
+            "seconds": round(time.time() - started, 1)})
+
+        # Checkpoints and logs, at the start of the next epoch.
+        progress.epoch, progress.samples_done = progress.epoch + 1, 0
+        run.save("last.pt", *(["best.pt"] if improved else []))
+        if run.is_main:
+            write_metrics_csv(args.output_dir / "metrics.csv", progress.history)
+            print(epoch_summary(progress.history[-1], args.val_beam_size, improved), file=sys.stderr)
+    return progress.history
 
 
-def write_metrics_csv(path, history):
-    """Rewrite metrics.csv from the whole history, atomically (one row per finished epoch)."""
-    if not history:
-        return
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0].keys()))
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
-
-
-def unwrap(module):
-    """The plain module under DistributedDataParallel (what checkpoints hold)."""
-    return module.module if isinstance(module, DistributedDataParallel) else module
+def epoch_summary(row, beam_size, improved):
+    """One line for the terminal at the end of an epoch."""
+    return (f"epoch {row['epoch']}: train loss {row['train_loss']:.3f}, val loss (teacher-forced) "
+            f"{row['val_tf_loss']:.3f}, val top-5 {100 * row['val_tf_top5']:.1f}%, val BLEU-4 (decoded, beam "
+            f"{beam_size}) {row['val_decoded_bleu4']:.4f}{' (best)' if improved else ''}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,15 +521,14 @@ def main(argv=None):
     rank, world_size, device = setup_distributed(args.device)
     keep_freed_memory(device)
     try:
-        return _train(args, rank, world_size, device)
+        return train(args, rank, world_size, device)
     finally:
         if world_size > 1:
             torch_dist.destroy_process_group()
 
 
-def _train(args, rank, world_size, device):
-    """The run itself, once processes and devices are set up."""
-    is_main = rank == 0
+def train(args, rank, world_size, device):
+    """Set the run up (data, models, optimisers, resume) and fit it, once processes and devices are."""
     # The same seed on every process, so all build the same initial weights: DDP broadcasts only
     # the modules it wraps, and a frozen encoder is not wrapped.
     random.seed(args.seed)
@@ -344,22 +537,12 @@ def _train(args, rank, world_size, device):
         torch.backends.cudnn.benchmark = True  # fixed image size: let cuDNN pick the fastest kernels
 
     word_map = read_word_map(args.data_folder)
-    train_set = CaptionDataset(args.data_folder, "train")
-    val_set = CaptionDataset(args.data_folder, "val")
+    train_set, val_set = CaptionDataset(args.data_folder, "train"), CaptionDataset(args.data_folder, "val")
     if len(val_set) < world_size:  # a process with nothing to validate would leave the others waiting
         raise UserError(f"{args.data_folder}: the val split has {len(val_set)} images, fewer than the "
                         f"{world_size} processes; each process needs at least one")
-    max_steps = train_set.manifest["max_len"] + 1  # every word and <end>
 
-    state = None
-    if args.resume is not None:
-        state = load_checkpoint(args.resume)
-        check_resume_compatible(state, args, args.resume)
-        if state["word_map"] != word_map:
-            raise UserError(f"{args.resume}: its word map differs from {args.data_folder}'s; "
-                            "resume on the data folder the run started with")
-        # How the encoder was initialised belongs to the run, not to this invocation.
-        args.pretrained, args.encoder_weights = state["args"]["pretrained"], state["args"]["encoder_weights"]
+    state = read_resume_checkpoint(args.resume, args, word_map) if args.resume is not None else None
     encoder, decoder = build_models(vars(args), len(word_map), load_weights=state is None)
     if state is not None:
         load_model_weights(args.resume, state, encoder, decoder)
@@ -368,118 +551,35 @@ def _train(args, rank, world_size, device):
         torch.manual_seed(args.seed + rank)
     encoder.to(device)
     decoder.to(device)
-
-    encoder_params = [p for p in encoder.parameters() if p.requires_grad]
-    decoder_optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
-    encoder_optimizer = torch.optim.Adam(encoder_params, lr=args.encoder_lr) if encoder_params else None
-    optimizers = [decoder_optimizer] + ([encoder_optimizer] if encoder_optimizer else [])
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-
-    epoch, samples_done, best_bleu4, since_improvement, history = 0, 0, -1.0, 0, []
-    if state is not None:
-        decoder_optimizer.load_state_dict(state["decoder_optimizer"])
-        if encoder_optimizer and state.get("encoder_optimizer"):
-            encoder_optimizer.load_state_dict(state["encoder_optimizer"])
-        if state.get("scaler") and args.amp == "fp16":
-            scaler.load_state_dict(state["scaler"])
-        epoch, samples_done = state["epoch"], state["samples_done"]
-        best_bleu4, since_improvement = state["best_bleu4"], state["epochs_since_improvement"]
-        history = state["history"]
-        if world_size == 1:
-            set_rng_state(state["rng"])
-
+    optimizers, scaler = build_optimizers(encoder, decoder, args), build_scaler(device, args.amp)
+    progress = resume_training(state, optimizers, scaler, args, world_size) if state is not None else Progress()
     if world_size > 1:
-        decoder = DistributedDataParallel(decoder, device_ids=[device.index] if device.type == "cuda" else None)
-        if encoder_params:
-            encoder = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        decoder = DistributedDataParallel(decoder, device_ids=device_ids)
+        if optimizers["encoder"]:
+            encoder = DistributedDataParallel(encoder, device_ids=device_ids)
+    run = Run(args, encoder, decoder, optimizers, scaler, progress, word_map, train_set.manifest["image_size"],
+              device, rank, world_size)
 
-    def checkpoint(next_epoch, next_samples_done):
-        """The whole training state as plain types and state dicts."""
-        plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        return {
-            "format_version": CHECKPOINT_VERSION,
-            "encoder": unwrap(encoder).state_dict(), "decoder": unwrap(decoder).state_dict(),
-            "decoder_optimizer": decoder_optimizer.state_dict(),
-            "encoder_optimizer": encoder_optimizer.state_dict() if encoder_optimizer else None,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "epoch": next_epoch, "samples_done": next_samples_done, "best_bleu4": best_bleu4,
-            "epochs_since_improvement": since_improvement, "history": history,
-            "args": plain_args, "word_map": word_map, "rng": rng_state(),
-            "image_size": train_set.manifest["image_size"],
-        }
-
-    def save_mid_epoch(done):
-        if is_main and args.save_every and (done // (args.batch_size * world_size)) % args.save_every == 0:
-            save_checkpoint(args.output_dir / "last.pt", checkpoint(epoch, done))
-
-    stop = StopRequested()
-    previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     # Loaders draw their workers' base seed from their own generator, not the global RNG, so that
     # creating one does not move the dropout masks: a run resumed mid-epoch creates its loader at
     # another point in the random stream than the run it continues, and must still match it exactly.
-    loader_options = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
-                          worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(args.seed + rank))
+    loader_options = dict(num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
+                          generator=torch.Generator().manual_seed(args.seed + rank))
     # Validation shards are disjoint and unpadded, so no image is counted twice.
     val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=range(rank, len(val_set), world_size),
                             **loader_options)
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    stop = StopRequested()
+    previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if is_main:  # written once SIGINT/SIGTERM would save a checkpoint: the run has started
+        if run.is_main:  # written once SIGINT/SIGTERM would save a checkpoint: the run has started
             args.output_dir.mkdir(parents=True, exist_ok=True)
-            resolved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
             atomic_write(args.output_dir / "args.json", lambda f: json.dump(
-                {**resolved, "world_size": world_size, "device": str(device)}, f, indent=2))
-        while epoch < args.epochs and since_improvement < args.early_stop_patience:
-            if samples_done == 0 and since_improvement > 0 and since_improvement % args.lr_decay_patience == 0:
-                for opt in optimizers:
-                    for group in opt.param_groups:
-                        group["lr"] *= args.lr_decay_factor
-            sampler.set_epoch(epoch)
-            # Resuming mid-epoch: skip the samples this epoch already trained on (every process has
-            # trained as many: DistributedSampler pads the shards to equal length).
-            skip = samples_done // world_size
-            train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=list(sampler)[skip:],
-                                      **loader_options)
-            started = time.time()
-            losses, top5, samples_done, stopped = train_one_epoch(
-                encoder, decoder, train_loader, optimizers, scaler, args, device, epoch, samples_done,
-                world_size, save_mid_epoch, stop, show_progress=is_main)
-            if stopped:
-                # Under torchrun a process whose own signal has not arrived yet stops with the others.
-                signum = stop.signal or signal.SIGTERM
-                if is_main:
-                    save_checkpoint(args.output_dir / "last.pt", checkpoint(epoch, samples_done))
-                    print(f"stopped by signal {signum}; saved {args.output_dir / 'last.pt'} "
-                          f"(resume with --resume)", file=sys.stderr)
-                raise SystemExit(128 + signum)
-
-            metrics, _ = validate(encoder, decoder, val_loader, word_map, device, args.amp, args.alpha_c,
-                                  args.val_beam_size, max_steps, world_size)
-            improved = metrics["val_decoded_bleu4"] > best_bleu4
-            best_bleu4 = max(best_bleu4, metrics["val_decoded_bleu4"])
-            since_improvement = 0 if improved else since_improvement + 1
-            loss_sum, top5_sum, words = all_reduce_sum([losses.sum, top5.sum, losses.count], device, world_size)
-            history.append({
-                "epoch": epoch, "train_loss": loss_sum / max(words, 1), "train_top5": top5_sum / max(words, 1),
-                **metrics,
-                "decoder_lr": decoder_optimizer.param_groups[0]["lr"],
-                "encoder_lr": encoder_optimizer.param_groups[0]["lr"] if encoder_optimizer else 0.0,
-                "seconds": round(time.time() - started, 1)})
-            epoch, samples_done = epoch + 1, 0
-            if is_main:
-                state = checkpoint(epoch, 0)
-                save_checkpoint(args.output_dir / "last.pt", state)
-                if improved:
-                    save_checkpoint(args.output_dir / "best.pt", state)
-                write_metrics_csv(args.output_dir / "metrics.csv", history)
-                print(f"epoch {epoch - 1}: train loss {history[-1]['train_loss']:.3f}, val loss (teacher-forced) "
-                      f"{metrics['val_tf_loss']:.3f}, val top-5 {100 * metrics['val_tf_top5']:.1f}%, "
-                      f"val BLEU-4 (decoded, beam {args.val_beam_size}) {metrics['val_decoded_bleu4']:.4f}"
-                      f"{' (best)' if improved else ''}", file=sys.stderr)
+                {**plain(vars(args)), "world_size": world_size, "device": str(device)}, f, indent=2))
+        return fit(run, train_set, val_loader, loader_options, stop)
     finally:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
-    return history
 
 
 if __name__ == "__main__":

@@ -40,6 +40,48 @@ def record_writes(writes):
     sys.addaudithook(hook)
 
 
+def validate_on_every_rank(checkpoint, rank, beam_size):
+    """train.validate of a checkpoint, each rank on its shard of the val split."""
+    torch_dist.barrier()  # rank 0 has written the checkpoint
+    world_size = torch_dist.get_world_size()
+    device = torch.device("cpu")
+    encoder, decoder, state = models_from_checkpoint(checkpoint, device)
+    args = state["args"]
+    val_set = CaptionDataset(args["data_folder"], "val")
+    loader = DataLoader(val_set, batch_size=args["batch_size"], sampler=range(rank, len(val_set), world_size))
+    return train.validate(encoder, decoder, loader, state["word_map"], device, "none", args["alpha_c"], beam_size,
+                          val_set.manifest["max_len"] + 1, world_size)
+
+
+def spy_on_training(signal_step=None):
+    """Make train.py record its models and what training and validation return, into the dict
+    returned; with `signal_step`, this process sends itself SIGTERM during that training step."""
+    captured = {}
+
+    def spy(function, key, models_of):
+        def wrapper(*args, **kwargs):
+            captured["models"] = models_of(*args)
+            result = function(*args, **kwargs)
+            captured[key] = result
+            return result
+        return wrapper
+
+    train.train_one_epoch = spy(train.train_one_epoch, "train", lambda run, *_: (run.encoder, run.decoder))
+    train.validate = spy(train.validate, "validate", lambda encoder, decoder, *_: (encoder, decoder))
+    if signal_step is not None:
+        # top5_correct runs once per training step, after that step's stop flags were all-reduced:
+        # the other processes learn of this signal one step later, as with a real Ctrl-C.
+        calls, top5_correct = [0], train.top5_correct
+
+        def top5_then_signal(*args):
+            calls[0] += 1
+            if calls[0] == signal_step + 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return top5_correct(*args)
+        train.top5_correct = top5_then_signal
+    return captured
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dump", type=Path, required=True, help="folder for rank{RANK}.pt")
@@ -56,29 +98,7 @@ def main():
     writes = []
     record_writes(writes)
 
-    captured = {}
-
-    def spy(function, key):
-        def wrapper(encoder, decoder, *args, **kwargs):
-            captured["models"] = (encoder, decoder)
-            result = function(encoder, decoder, *args, **kwargs)
-            captured[key] = result
-            return result
-        return wrapper
-
-    train.train_one_epoch = spy(train.train_one_epoch, "train")
-    train.validate = spy(train.validate, "validate")
-    if options.signal_rank == rank:
-        # top5_correct runs once per training step, after that step's stop flags were all-reduced:
-        # the other processes learn of this signal one step later, as with a real Ctrl-C.
-        calls, top5_correct = [0], train.top5_correct
-
-        def top5_then_signal(*args):
-            calls[0] += 1
-            if calls[0] == options.signal_step + 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return top5_correct(*args)
-        train.top5_correct = top5_then_signal
+    captured = spy_on_training(signal_step=options.signal_step if options.signal_rank == rank else None)
 
     # Keep train.main's process group for --validate-checkpoint (initialising a second one in the
     # same torchrun worker hangs); it is destroyed at the end.
@@ -99,17 +119,7 @@ def main():
         result["validate"] = captured["validate"]
 
     if options.validate_checkpoint is not None:
-        torch_dist.barrier()  # rank 0 has written the checkpoint
-        world_size = torch_dist.get_world_size()
-        device = torch.device("cpu")
-        encoder, decoder, state = models_from_checkpoint(options.validate_checkpoint, device)
-        args = state["args"]
-        val_set = CaptionDataset(args["data_folder"], "val")
-        loader = DataLoader(val_set, batch_size=args["batch_size"],
-                            sampler=range(rank, len(val_set), world_size))
-        result["validate_checkpoint"] = train.validate(
-            encoder, decoder, loader, state["word_map"], device, "none", args["alpha_c"], options.beam_size,
-            val_set.manifest["max_len"] + 1, world_size)
+        result["validate_checkpoint"] = validate_on_every_rank(options.validate_checkpoint, rank, options.beam_size)
     destroy_process_group()
 
     options.dump.mkdir(parents=True, exist_ok=True)

@@ -177,3 +177,17 @@ def test_initial_state_comes_from_the_mean_encoding():
     mean = features.mean(dim=1)
     torch.testing.assert_close(h, decoder.init_h(mean))
     torch.testing.assert_close(c, decoder.init_c(mean))
+
+
+def test_validation_sums_give_the_training_loss():
+    # One loss, two ways to take it: a batch's mean (training) and sums over a split (validation).
+    decoder = tiny_decoder()
+    features = torch.randn(4, 7, 12)
+    captions, lengths = random_captions([5, 9, 3, 6])
+    scores, alphas, decode_lengths = decoder(features, captions, lengths)
+    loss = losses.caption_loss(scores, captions, decode_lengths, alphas, alpha_c=0.7)[0]
+    halves = [losses.caption_loss_sums(scores[rows], captions[rows], decode_lengths[rows], alphas[rows])
+              for rows in (slice(0, 1), slice(1, 4))]
+    sums = {key: halves[0][key] + halves[1][key] for key in halves[0]}
+    assert sums["words"] == int(decode_lengths.sum()) and sums["captions"] == 4
+    assert losses.loss_from_sums(sums, alpha_c=0.7) == pytest.approx(loss.item(), rel=1e-6)
