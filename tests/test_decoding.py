@@ -58,22 +58,9 @@ def untrained_decoder_of_mixed_lengths(device):
     return decoder.to(device), (torch.randn(24, 9, 16) * 3).to(device)
 
 
-def never_waiting_for_cuda(steps):
-    """beam_search's step loop made to raise if it makes the host wait for a CUDA device."""
-    def strict(*args, **kwargs):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return steps(*args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return strict
-
-
-def decode_recording_batch_sizes(monkeypatch, decoder, features, schedule):
-    """beam_search (beam 3, 15 steps) with done_check_schedule patched to `schedule`; returns its
-    tokens, alphas and the number of images in each step's batch. On CUDA the step loop must never
-    make the host wait for the device."""
-    monkeypatch.setattr(models, "done_check_schedule", lambda device: schedule)
+def decode_recording_batch_sizes(monkeypatch, decoder, features):
+    """beam_search (beam 3, 15 steps) of features; returns its tokens, alphas and the number of images
+    in each step's batch."""
     batch_sizes = []
     step = decoder.step
 
@@ -82,37 +69,26 @@ def decode_recording_batch_sizes(monkeypatch, decoder, features, schedule):
         return step(encoder_out, *args)
 
     monkeypatch.setattr(decoder, "step", recording_step)
-    if features.is_cuda and schedule[1]:
-        monkeypatch.setattr(decoder, "_beam_search_steps", never_waiting_for_cuda(decoder._beam_search_steps))
     tokens, alphas = decoder.beam_search(features, 28, 29, beam_size=3, max_steps=15, return_alphas=True)
     monkeypatch.undo()
     return tokens, alphas, batch_sizes
 
 
-# A CPU looks every step and acts at once; a GPU looks every few steps and acts on flags copied at an
-# earlier look (lagged). Lagged here is that bookkeeping on the CPU: the flags arrive by the next look.
-@pytest.mark.parametrize("check_every, lagged", [(1, False), (3, False), (1, True), (3, True)])
-def test_images_leave_the_batch_when_done_and_decode_as_alone(monkeypatch, device, check_every, lagged):
+def test_images_leave_the_batch_when_done_and_decode_as_alone(monkeypatch, device):
     decoder, features = untrained_decoder_of_mixed_lengths(device)
-    tokens, alphas, batch_sizes = decode_recording_batch_sizes(monkeypatch, decoder, features,
-                                                               (check_every, lagged))
+    tokens, alphas, batch_sizes = decode_recording_batch_sizes(monkeypatch, decoder, features)
     lengths = [len(t) for t in tokens]
     assert min(lengths) < 5 and max(lengths) == 15  # some images left early, others decoded on
     assert batch_sizes[0] == 24 and batch_sizes == sorted(batch_sizes, reverse=True)
     assert lengths.count(15) <= batch_sizes[-1] < 24  # an image leaves once all its beams ended
-    changes = [t for t in range(1, len(batch_sizes)) if batch_sizes[t] != batch_sizes[t - 1]]
-    assert changes and all(t % check_every == 0 for t in changes)  # images leave only when it looks
-    if lagged:  # the first images leave one look later than when acted on at once
-        at_once = decode_recording_batch_sizes(monkeypatch, decoder, features, (check_every, False))[2]
-        first_change_at_once = next(t for t in range(1, len(at_once)) if at_once[t] != at_once[t - 1])
-        if device.type == "cpu":
-            assert changes[0] == first_change_at_once + check_every
-        else:  # or later, if the device had not caught up by then
-            assert changes[0] >= first_change_at_once + check_every
-    single_tokens, single_alphas = decode_one_by_one(decoder, features, 28, 29, beam_size=3, max_steps=15)
-    assert tokens == single_tokens
-    for a, b in zip(alphas, single_alphas):
-        torch.testing.assert_close(a, b)
+    alone = [decode_recording_batch_sizes(monkeypatch, decoder, features[i:i + 1]) for i in range(24)]
+    # Checked at every step and acted on at once: each step's batch holds exactly the images that,
+    # decoded alone, were still decoding at that step.
+    steps_alone = [len(sizes) for _, _, sizes in alone]
+    assert batch_sizes == [sum(s > t for s in steps_alone) for t in range(len(batch_sizes))]
+    assert tokens == [t for single_tokens, _, _ in alone for t in single_tokens]
+    for a, (_, single_alphas, _) in zip(alphas, alone):
+        torch.testing.assert_close(a, single_alphas[0])
 
 
 def test_beam_size_one_equals_greedy(trained):
