@@ -1,4 +1,4 @@
-"""Bad inputs and interrupted runs (issue 5): nothing lost, nothing half-written, one clear line per error.
+"""Bad inputs and interrupted runs: nothing lost, nothing half-written, one clear line per error.
 
 Subprocesses only where the behaviour is about the process (exit codes, signals, stderr); elsewhere
 the scripts' main() runs in this process under utils.run_main, exactly as their __main__ blocks do.
