@@ -187,10 +187,9 @@ def decode_images(records, size, workers, block_bytes=16 * 2**20):
 
     Workers write pixels into two shared-memory blocks of `block_bytes` each, taking turns: while
     this process hands out one block's images, the workers fill the other (its run of images is
-    queued before they finish the first). Sending pixels through the pool's pipe instead cost this
-    process about 0.5 ms an image (pickling, and 64 KB pipe reads of 196 KB at size 256): a quarter
-    of the packing speed on 2 cores, and the ceiling on many. Blocks stay small so that a
-    container's default 64 MB /dev/shm holds them.
+    queued before they finish the first). Sending pixels through the pool's pipe instead costs this
+    process pickling and many small pipe reads for every image, and on few cores that time is taken
+    from the workers. Blocks stay small so that a container's default 64 MB /dev/shm holds them.
     """
     jobs = [(i, r["path"]) for i, r in enumerate(records)]
     if workers == 0:
@@ -261,9 +260,9 @@ def normalised_objects(record, image_path):
 class ImageRunWriter:
     """Appends images to a resizable HDF5 dataset (N, 3, S, S) in runs of `run_length`.
 
-    Each h5py write has a fixed cost: at 256x256, writing one image at a time took 0.26 ms an
-    image, runs of 85 took 0.06 ms. That time is spent in the process that hands images to the
-    decoding workers, and on 2 cores it is taken from them.
+    Each h5py write has a fixed cost, paid per run instead of per image (README: Performance). That
+    time is spent in the process that hands images to the decoding workers, and on 2 cores it is
+    taken from them.
     """
 
     def __init__(self, dataset, run_length=64):

@@ -53,8 +53,8 @@ def keep_freed_memory(device):
     PyTorch's CPU allocator caches nothing, and glibc hands every block above its mmap threshold
     (at most 32 MiB) back to the system when freed: the next tensor of that size is a fresh mapping
     whose pages fault in, zero-filled, on first touch, and training and decoding allocate such
-    tensors at every step. In bench.py --quick this made frozen-encoder training 1.75x faster and
-    batched beam search 1.2x; the price is a higher peak RSS (a process keeps what it freed).
+    tensors at every step. What this gains, and costs in peak RSS (a process keeps what it freed),
+    is measured in README: Performance.
     Returns False, changing nothing, on other devices or where glibc's mallopt is missing (macOS, musl).
     """
     if device.type != "cpu":
