@@ -409,9 +409,8 @@ def section_training(spec):
     loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, drop_last=True, num_workers=args.workers,
                         pin_memory=device.type == "cuda", worker_init_fn=train.worker_init,
                         persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(0))
-    trainable = [p for opt in run.active_optimizers() for group in opt.param_groups for p in group["params"]]
     calibrate_batchnorm(encoder, torch.stack([dataset[i][0] for i in range(BATCH_SIZE)]).to(device))
-    timer = StepTimer(device, encoder, decoder, trainable)
+    timer = StepTimer(device, encoder, decoder, run.trainable)
     warmup = spec["warmup_steps"]
     steps = warmup + spec["repeats"]
     if steps * BATCH_SIZE > len(dataset):
@@ -752,17 +751,19 @@ def main(argv=None):
             paths = make_jpegs(tmp / "jpegs",
                                sizes["pack_images"] if "packing" in args.sections else sizes["train_images"])
         if "packing" in args.sections:
-            results["packing"] = run_section("packing", **common, paths=[str(p) for p in paths], workers=2, repeats=repeats)
+            results["packing"] = run_section("packing", **common, paths=[str(p) for p in paths], workers=2,
+                                             repeats=repeats)
         if "training" in args.sections:
             pack_training_set(paths[:sizes["train_images"]], tmp / "packed")
             results["training"] = [
-                run_section("training", **common, device=args.device, amp=args.amp, fine_tune=fine_tune, workers=2,
-                            repeats=repeats, warmup_steps=sizes["train_warmup_steps"],
+                run_section("training", **common, device=args.device, amp=args.amp, fine_tune=fine_tune,
+                            workers=2, repeats=repeats, warmup_steps=sizes["train_warmup_steps"],
                             data_folder=str(tmp / "packed"), tmp=str(tmp / "run"))
                 for fine_tune in (False, True)]
     if "decoding" in args.sections:
-        results["decoding"] = run_section("decoding", **common, device=args.device, steps=sizes["decode_steps"],
-                                          single_images=sizes["single_images"], repeats=repeats)
+        results["decoding"] = run_section("decoding", **common, device=args.device,
+                                          steps=sizes["decode_steps"], single_images=sizes["single_images"],
+                                          repeats=repeats)
     if "ablation" in args.sections:
         results["ablation"] = run_section("ablation", **common, device=args.device, repeats=repeats)
     results["total_seconds"] = time.perf_counter() - started

@@ -63,6 +63,7 @@ def decode_tokens(tokens, rev_word_map):
     """Token indices -> words."""
     return [rev_word_map[t] for t in tokens]
 
+
 # ----------------------------------------------------------------------------------------------
 # The dataset
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from checkpoints import check_word_maps_match, models_from_checkpoint
 from datasets import SPLITS, CaptionDataset, decode_tokens, meta_file, reference_tokens
 from metrics import bleu_scores, coco_caption_metrics, content_scores, grounding_scores
-from utils import UserError, keep_freed_memory, read_json, resolve_device, run_main, write_json
+from utils import keep_freed_memory, read_json, resolve_device, run_main, write_json
 
 
 def parse_args(argv=None):

@@ -18,7 +18,9 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -162,7 +164,8 @@ def autocast(device, amp):
 
 @dataclass
 class Progress:
-    """How far a run has come: what a checkpoint holds besides weights, optimisers and arguments."""
+    """How far a run has come: what a checkpoint holds besides weights, optimisers and arguments
+    (under the same names)."""
 
     epoch: int = 0  # the epoch being trained, or the next one at an epoch boundary
     samples_done: int = 0  # samples of `epoch` already trained, over all processes
@@ -197,6 +200,11 @@ class Run:
         """The optimisers in use: the encoder's only when it is fine-tuned."""
         return [opt for opt in self.optimizers.values() if opt is not None]
 
+    @cached_property
+    def trainable(self):
+        """The parameters the optimisers update (fixed for the run): what is checked and clipped."""
+        return [p for opt in self.active_optimizers() for group in opt.param_groups for p in group["params"]]
+
     def checkpoint(self):
         """The whole training state as plain types and state dicts (loadable with weights_only=True)."""
         encoder_optimizer = self.optimizers["encoder"]
@@ -206,10 +214,7 @@ class Run:
             "decoder_optimizer": self.optimizers["decoder"].state_dict(),
             "encoder_optimizer": encoder_optimizer.state_dict() if encoder_optimizer else None,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "epoch": self.progress.epoch, "samples_done": self.progress.samples_done,
-            "best_bleu4": self.progress.best_bleu4,
-            "epochs_since_improvement": self.progress.epochs_since_improvement,
-            "history": self.progress.history, "args": plain(vars(self.args)), "word_map": self.word_map,
+            **asdict(self.progress), "args": plain(vars(self.args)), "word_map": self.word_map,
             "rng": rng_state(), "image_size": self.image_size,
         }
 
@@ -291,8 +296,7 @@ def resume_training(state, optimizers, scaler, args, world_size):
         scaler.load_state_dict(state["scaler"])
     if world_size == 1:
         set_rng_state(state["rng"])
-    return Progress(epoch=state["epoch"], samples_done=state["samples_done"], best_bleu4=state["best_bleu4"],
-                    epochs_since_improvement=state["epochs_since_improvement"], history=state["history"])
+    return Progress(**{f.name: state[f.name] for f in fields(Progress)})
 
 
 def write_metrics_csv(path, history):
@@ -350,12 +354,11 @@ def train_step(run, images, captions, lengths, step, stop):
     # Check before clipping, which would turn an inf gradient into +-grad_clip and hide it, and
     # before the step, which would write NaN into the weights. With fp16 the scaler skips a step
     # with inf/NaN gradients and lowers its scale, which is normal: only the loss counts there.
-    trainable = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
     bad_grads = False
     if not run.scaler.is_enabled():
         # One norm over all gradients (foreach kernels, not one check per tensor): inf or NaN if
         # any gradient is, or if one is too large (~1e19) to square in float32.
-        grads = [p.grad for p in trainable if p.grad is not None]
+        grads = [p.grad for p in run.trainable if p.grad is not None]
         bad_grads = bool(grads) and not bool(torch.nn.utils.get_total_norm(grads).isfinite())
     # One small all-reduce keeps every process deciding alike about NaNs and stop signals.
     bad_loss, bad_grads, stop_flag = all_reduce_sum(
@@ -367,7 +370,7 @@ def train_step(run, images, captions, lengths, step, stop):
     if bad_grads:
         raise TrainingDiverged.at(f"a gradient became inf or NaN (loss {loss.item():.4g})", epoch, step, args)
     if args.grad_clip > 0:
-        torch.nn.utils.clip_grad_value_(trainable, args.grad_clip)
+        torch.nn.utils.clip_grad_value_(run.trainable, args.grad_clip)
     for opt in optimizers:
         run.scaler.step(opt)
     run.scaler.update()
@@ -418,7 +421,7 @@ def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size
     encoder.eval()
     decoder.eval()
     decoder = unwrap(decoder)
-    sums = dict.fromkeys(("word_loss", "words", "penalty", "captions", "top5"), 0.0)
+    sums = Counter()  # of caption_loss_sums, over the batches of this process's shard
     decoded, references = [], {}
     for images, captions, lengths, indices in loader:
         images = images.to(device, non_blocking=True)
@@ -432,8 +435,7 @@ def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size
             hypotheses = decoder.beam_search(features, word_map["<start>"], word_map["<end>"],
                                              beam_size=beam_size, max_steps=max_steps)
         # Sums, not batch means, so that the loss does not depend on how the split is batched or sharded.
-        for key, value in caption_loss_sums(scores, flat_captions, decode_lengths, alphas).items():
-            sums[key] += value
+        sums.update(caption_loss_sums(scores, flat_captions, decode_lengths, alphas))
         for index, hypothesis, caps, lens in zip(indices.tolist(), hypotheses, captions, lengths):
             decoded.append((index, hypothesis))
             references[index] = reference_tokens(caps, lens, word_map)

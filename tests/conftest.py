@@ -1,6 +1,11 @@
-"""Shared fixtures: a tiny shapes dataset, packed, and a tiny model trained on it (once per session)."""
+"""Shared fixtures: a tiny shapes dataset, packed, and a tiny model trained on it (once per session);
+and helpers for small datasets written by the tests themselves."""
+import json
 import os
 import sys
+from pathlib import Path
+
+import h5py
 
 import pytest
 import torch
@@ -62,3 +67,38 @@ def trained_run(packed_data, tmp_path_factory):
     train.main(["--data-folder", str(packed_data), "--output-dir", str(out), "--epochs", "2",
                 "--decoder-lr", "3e-3", "--encoder-lr", "1e-3", *TINY_MODEL])
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Small datasets the tests write, and reading what was packed
+
+
+def write_karpathy(folder, entries):
+    """Karpathy-format JSON for `entries` [(filename, split, [raw captions])] in `folder`."""
+    images = [{"filepath": "", "filename": name, "imgid": i, "split": split,
+               "sentences": [{"raw": c} for c in captions]}
+              for i, (name, split, captions) in enumerate(entries)]
+    path = Path(folder) / "dataset.json"
+    path.write_text(json.dumps({"images": images}, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def pack_args(json_path, image_folder, out, *extra, size=32):
+    """create_input_files.py arguments for a small custom dataset."""
+    argv = ["--dataset", "coco", "--karpathy-json", json_path, "--image-folder", image_folder,
+            "--output-folder", out, "--image-size", size, "--workers", 0, "--min-word-freq", 1, *extra]
+    return [str(a) for a in argv]
+
+
+def packed_captions(data_folder, split):
+    """A packed split's captions read straight from its files: word lists grouped per image (in
+    order), and the word map. Each row must be <start> words <end> <pad>..., so that row[1:length - 1]
+    is all of its words."""
+    word_map = json.loads((Path(data_folder) / "word_map.json").read_text())
+    words = {i: w for w, i in word_map.items()}
+    with h5py.File(Path(data_folder) / f"{split}.h5") as f:
+        per_image = int(f.attrs["captions_per_image"])
+        rows, lengths = f["captions"][:], f["lengths"][:]
+    assert all(row[0] == word_map["<start>"] and row[n - 1] == word_map["<end>"] for row, n in zip(rows, lengths))
+    captions = [[words[t] for t in row[1:n - 1]] for row, n in zip(rows, lengths)]
+    return [captions[i:i + per_image] for i in range(0, len(captions), per_image)], word_map

@@ -99,7 +99,7 @@ MUTATIONS = [
              'improved = metrics["val_decoded_bleu4"] >= progress.best_bleu4', TRAINING_RULES),
     Mutation("training: gradients clipped before the non-finite check", "train.py",
              "    bad_grads = False\n",
-             "    torch.nn.utils.clip_grad_value_(trainable, args.grad_clip)\n    bad_grads = False\n",
+             "    torch.nn.utils.clip_grad_value_(run.trainable, args.grad_clip)\n    bad_grads = False\n",
              TRAINING_RULES),
     Mutation("training: learning rates decay even after an improvement", "train.py",
              "since > 0 and since % args.lr_decay_patience == 0", "since % args.lr_decay_patience == 0",
@@ -203,7 +203,6 @@ def run_all(mutations, jobs):
         if not passed:
             return None
         free = list(folders)
-        results = []
 
         def job(mutation):
             folder = free.pop()
@@ -215,8 +214,7 @@ def run_all(mutations, jobs):
             return result
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(job, mutations))
-        return results
+            return list(pool.map(job, mutations))
 
 
 def _files(tests):
@@ -243,7 +241,8 @@ def main(argv=None):
     mutations = [m for m in MUTATIONS if args.only in m.name]
     if args.list:
         for m in mutations:
-            print(f"{m.name}\n    {m.file}: {m.before.strip()!r} -> {m.after.strip()!r}\n    tests: {' '.join(m.tests)}")
+            print(f"{m.name}\n    {m.file}: {m.before.strip()!r} -> {m.after.strip()!r}")
+            print(f"    tests: {' '.join(m.tests)}")
         return 0
     started = time.time()
     results = run_all(mutations, max(1, args.jobs))

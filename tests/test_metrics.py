@@ -2,13 +2,13 @@
 captions file and the packed references, and the shapes set's content and grounding scores."""
 import json
 
-import h5py
 import numpy as np
 import pytest
 import torch
 from nltk.translate.bleu_score import corpus_bleu
 
 import eval as evaluate_script
+from conftest import packed_captions
 from metrics import box_cells, content_scores, grounding_scores
 
 
@@ -17,12 +17,7 @@ def test_eval_bleu_is_nltk_bleu_of_its_captions_against_the_packed_references(tr
                                     "--beam-size", "3", "--workers", "0", "--no-coco-metrics",
                                     "--output-dir", str(tmp_path)])
     captions = json.loads((tmp_path / "captions_test_beam3.json").read_text())
-    words = {i: w for w, i in json.loads((packed_data / "word_map.json").read_text()).items()}
-    with h5py.File(packed_data / "test.h5") as f:
-        per_image = int(f.attrs["captions_per_image"])
-        # Each packed row is <start> words <end> <pad>...: the words are rows[1:length - 1].
-        rows = [[words[t] for t in row[1:n - 1]] for row, n in zip(f["captions"][:], f["lengths"][:])]
-    references = [rows[i:i + per_image] for i in range(0, len(rows), per_image)]
+    references, _ = packed_captions(packed_data, "test")
     hypotheses = [c["caption"].split() for c in captions]
     assert len(hypotheses) == len(references) == metrics["images"]
     for n in (1, 4):

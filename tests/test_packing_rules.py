@@ -2,13 +2,11 @@
 keeps, which words enter the word map, which captions are too long, and the pixels a model sees."""
 import json
 
-import h5py
-import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 import create_input_files
+from conftest import pack_args, packed_captions, write_karpathy
 from datasets import CaptionDataset
 
 # ImageNet's statistics, written out here rather than imported: what every torchvision model expects.
@@ -19,40 +17,20 @@ STD = (0.229, 0.224, 0.225)
 def pack(tmp_path, captions_per_image_list, *extra, colours=None):
     """Pack one solid 8x8 PNG per entry of `captions_per_image_list` (a list of caption lists), all in
     the training split but one image each for val and test. Returns the output folder."""
-    images = []
-    entries = [(caps, "train") for caps in captions_per_image_list] + [(["val words"], "val"),
-                                                                      (["test words"], "test")]
-    for i, (caps, split) in enumerate(entries):
-        colour = (colours or {}).get(i, (10 * i % 256, 200, 30))
-        Image.new("RGB", (8, 8), colour).save(tmp_path / f"im{i}.png")
-        images.append({"filepath": "", "filename": f"im{i}.png", "imgid": i, "split": split,
-                       "sentences": [{"raw": c} for c in caps]})
-    (tmp_path / "dataset.json").write_text(json.dumps({"images": images}))
+    entries = [(f"im{i}.png", "train", caps) for i, caps in enumerate(captions_per_image_list)]
+    entries += [(f"im{len(entries)}.png", "val", ["val words"]), (f"im{len(entries) + 1}.png", "test", ["test words"])]
+    for i, (name, _, _) in enumerate(entries):
+        Image.new("RGB", (8, 8), (colours or {}).get(i, (10 * i % 256, 200, 30))).save(tmp_path / name)
     out = tmp_path / "packed"
-    create_input_files.main(["--dataset", "coco", "--karpathy-json", str(tmp_path / "dataset.json"),
-                             "--image-folder", str(tmp_path), "--output-folder", str(out), "--image-size", "8",
-                             "--workers", "0", *map(str, extra)])
+    create_input_files.main(pack_args(write_karpathy(tmp_path, entries), tmp_path, out, *extra, size=8))
     return out
-
-
-def packed_train_captions(out):
-    """The packed training captions as word lists, grouped per image, read straight from the files."""
-    word_map = json.loads((out / "word_map.json").read_text())
-    words = {i: w for w, i in word_map.items()}
-    with h5py.File(out / "train.h5") as f:
-        per_image = int(f.attrs["captions_per_image"])
-        rows = [[words[t] for t in caption[1:length - 1]] for caption, length in zip(f["captions"][:], f["lengths"][:])]
-        # Every row is <start> words <end>: check the frame here, so the words above are all there is.
-        assert all(caption[0] == word_map["<start>"] and caption[length - 1] == word_map["<end>"]
-                   for caption, length in zip(f["captions"][:], f["lengths"][:]))
-    return [rows[i:i + per_image] for i in range(0, len(rows), per_image)], word_map
 
 
 def test_every_image_keeps_exactly_captions_per_image_of_its_own_captions(tmp_path):
     own = [[f"image {i} says {w}" for w in ("one", "two", "three", "four", "five", "six", "seven")[:n]]
            for i, n in enumerate([1, 2, 3, 4, 5, 6, 7])]
     out = pack(tmp_path, own, "--captions-per-image", 5, "--min-word-freq", 1)
-    groups, _ = packed_train_captions(out)
+    groups, _ = packed_captions(out, "train")
     assert len(groups) == 7
     for captions, kept in zip(own, groups):
         texts = [" ".join(words) for words in kept]
@@ -66,7 +44,7 @@ def test_every_image_keeps_exactly_captions_per_image_of_its_own_captions(tmp_pa
 def test_words_below_the_minimum_frequency_become_unk_and_the_rest_are_kept(tmp_path):
     # "twice" appears in 2 training captions, "once" in 1; val and test words never count.
     out = pack(tmp_path, [["a twice"], ["a twice"], ["a once"]], "--captions-per-image", 1, "--min-word-freq", 2)
-    groups, word_map = packed_train_captions(out)
+    groups, word_map = packed_captions(out, "train")
     assert "twice" in word_map and "a" in word_map
     assert "once" not in word_map and "val" not in word_map and "test" not in word_map
     assert [g[0] for g in groups] == [["a", "twice"], ["a", "twice"], ["a", "<unk>"]]
@@ -75,7 +53,7 @@ def test_words_below_the_minimum_frequency_become_unk_and_the_rest_are_kept(tmp_
 def test_captions_longer_than_max_len_are_dropped_and_counted(tmp_path):
     out = pack(tmp_path, [["one two three four"], ["one two three four five", "one two"]],
                "--captions-per-image", 1, "--max-len", 4, "--min-word-freq", 1)
-    groups, _ = packed_train_captions(out)
+    groups, _ = packed_captions(out, "train")
     assert [g[0] for g in groups] == [["one", "two", "three", "four"], ["one", "two"]]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dropped"]["long_captions"] == 1

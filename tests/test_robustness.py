@@ -26,6 +26,7 @@ import make_shapes_dataset
 import models
 import train
 import utils
+from conftest import pack_args, write_karpathy
 
 REPO = Path(__file__).resolve().parents[1]
 # ResNet-18 cut after layer2 on 32x32 images: a 4x4 grid. Small enough for ~20 steps a second on one core;
@@ -76,23 +77,6 @@ def assert_process_error(result, *names):
     assert ": error: " in last, result.stderr
     for name in names:
         assert str(name) in last, f"{name} not named in: {last}"
-
-
-def write_karpathy(folder, entries):
-    """Karpathy-format JSON for `entries` [(filename, split, [raw captions])] in `folder`."""
-    images = [{"filepath": "", "filename": name, "imgid": i, "split": split,
-               "sentences": [{"raw": c} for c in captions]}
-              for i, (name, split, captions) in enumerate(entries)]
-    path = Path(folder) / "dataset.json"
-    path.write_text(json.dumps({"images": images}, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
-def pack_args(json_path, image_folder, out, *extra, size=32):
-    """create_input_files.py arguments for a small custom dataset."""
-    argv = ["--dataset", "coco", "--karpathy-json", json_path, "--image-folder", image_folder,
-            "--output-folder", out, "--image-size", size, "--workers", 0, "--min-word-freq", 1, *extra]
-    return [str(a) for a in argv]
 
 
 def solid(path, colour=(10, 200, 30), size=(20, 12)):
