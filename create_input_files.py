@@ -1,4 +1,4 @@
-"""Pack images and tokenised captions into HDF5 + JSON for train.py, eval.py and datasets.py.
+r"""Pack images and tokenised captions into HDF5 + JSON for train.py, eval.py and datasets.py.
 
     python create_input_files.py --dataset coco --karpathy-json data/caption_datasets/dataset_coco.json \
         --image-folder data/coco --output-folder data/coco_packed
@@ -12,7 +12,10 @@ Output folder (manifest.json is written last, so a folder without it is an unfin
     word_map.json           {word: index}, <pad> = 0, then words, <unk>, <start>, <end>
     {split}.h5              images (N, 3, S, S) uint8; captions (N*C, max_len+2) int32
                             (<start> words <end> <pad>...); lengths (N*C,) int32 with <start>/<end>
-    {split}_meta.json       per image: source file, image id, and objects with boxes (shapes set)
+    {split}_meta.json       per image: source file (absolute path), name in the dataset, image id,
+                            every caption as given ("captions") and tokenised ("references": what
+                            eval.py scores against, all of them, each once), and objects with boxes
+                            (shapes set)
     manifest.json           what was packed, how, and the counts of what was dropped
 """
 
@@ -20,6 +23,7 @@ import argparse
 import multiprocessing
 import random
 import re
+import signal
 import sys
 from collections import Counter
 from multiprocessing import shared_memory
@@ -88,7 +92,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if (args.karpathy_json is None) == (args.coco_annotations is None):
         parser.error("give exactly one of --karpathy-json and --coco-annotations")
-    for name in ("image_size", "captions_per_image", "max_len"):
+    for name in ("image_size", "captions_per_image", "max_len", "val_size", "test_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.workers < 0:
@@ -140,6 +144,7 @@ def read_coco_annotations(paths, image_folder, val_size, test_size, seed):
         coco = COCO(str(path))
         image_ids = sorted(coco.getImgIds())
         if subset == "val2014":
+            check_held_out_sizes(path, len(image_ids), val_size, test_size)
             random.Random(seed).shuffle(image_ids)
         for rank, image_id in enumerate(image_ids):
             info = coco.loadImgs(image_id)[0]
@@ -152,6 +157,14 @@ def read_coco_annotations(paths, image_folder, val_size, test_size, seed):
                             "captions": captions, "image_id": image_id, "objects": None,
                             "size": (info.get("width"), info.get("height"))})
     return records
+
+
+def check_held_out_sizes(path, available, val_size, test_size):
+    """Refuse --val-size/--test-size that val2014 cannot fill (an empty or short split is found
+    only much later, by train.py or eval.py)."""
+    if val_size + test_size > available:
+        raise UserError(f"{path}: holds {available} images, fewer than --val-size {val_size} plus "
+                        f"--test-size {test_size}; pass smaller sizes (their sum at most {available})")
 
 
 def _load_or_error(index, path, size):
@@ -285,15 +298,19 @@ class ImageRunWriter:
 
 
 def tokenize_records(records, max_len, dropped):
-    """Give each record its captions' tokens ("tokens"), without empty captions and those of more
-    than `max_len` words; returns the records left with at least one caption. Counts in `dropped`."""
+    """Give each record its captions' tokens: "tokens" for training, without empty captions and those
+    of more than `max_len` words, and "references" for scoring, without empty ones only. Returns the
+    records left with at least one caption to train on. Counts what was dropped in `dropped`."""
     for record in records:
         tokenized = []
+        record["references"] = []  # every caption with words, long ones too: what eval.py scores against
         for caption in record["captions"]:
             tokens = tokenize(caption)
             if not tokens:
                 dropped["empty_captions"] += 1
-            elif len(tokens) > max_len:
+                continue
+            record["references"].append(tokens)
+            if len(tokens) > max_len:
                 dropped["long_captions"] += 1
             else:
                 tokenized.append(tokens)
@@ -301,6 +318,12 @@ def tokenize_records(records, max_len, dropped):
     usable = [r for r in records if r["tokens"]]
     dropped["images_without_captions"] = len(records) - len(usable)
     return usable
+
+
+def error_reason(error, path):
+    """load_image's message without the path it starts with: "cannot decode image (...)"."""
+    prefix = f"{path}: "
+    return error[len(prefix):] if error.startswith(prefix) else error
 
 
 def write_images(records, split_files, args, kept, bad_images):
@@ -314,7 +337,7 @@ def write_images(records, split_files, args, kept, bad_images):
         if error is not None:
             if not args.skip_bad_images:
                 raise UserError(f"{error}; fix or remove it, or pass --skip-bad-images")
-            bad_images.append(str(record["path"]))
+            bad_images.append({"file": str(record["path"]), "reason": error_reason(error, record["path"])})
             continue
         writers[record["split"]].add(pixels)
         kept[record["split"]].append(record)
@@ -342,9 +365,10 @@ def pack(args):
     bad_images = []
     kept = {split: [] for split in SPLITS}
     split_files = {}
+    partial = {split: out / f".{split}.h5.partial" for split in SPLITS}
     try:
         for split in SPLITS:
-            split_files[split] = h5py.File(out / f".{split}.h5.partial", "w")
+            split_files[split] = h5py.File(partial[split], "w")
             split_files[split].create_dataset(
                 "images", shape=(0, 3, args.image_size, args.image_size),
                 maxshape=(None, 3, args.image_size, args.image_size), dtype="uint8",
@@ -353,15 +377,20 @@ def pack(args):
         word_map = build_word_map([r["tokens"] for r in kept["train"]], args.min_word_freq)
         for split in SPLITS:
             write_captions(split_files[split], kept[split], word_map, args)
-    finally:
+    except BaseException:
+        # Stopped (an error, Ctrl-C, or SIGTERM, which main turns into SystemExit): nothing
+        # half-written stays behind.
         for f in split_files.values():
             f.close()
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+        raise
+    for f in split_files.values():
+        f.close()
 
     for split in SPLITS:
-        (out / f".{split}.h5.partial").replace(split_file(out, split))
-        write_json(meta_file(out, split), {"images": [
-            {"file": str(r["path"]), "image_id": r["image_id"],
-             "objects": normalised_objects(r, r["path"])} for r in kept[split]]})
+        partial[split].replace(split_file(out, split))
+        write_json(meta_file(out, split), {"images": [image_meta(r) for r in kept[split]]})
     write_json(out / WORD_MAP, word_map)
     manifest = {
         "format_version": 1, "dataset": args.dataset, "image_size": args.image_size,
@@ -373,6 +402,19 @@ def pack(args):
     }
     write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def image_meta(record):
+    """One image's entry in {split}_meta.json.
+
+    "file" is absolute, so that caption.py finds the image (and its boxes) from any folder.
+    "references" holds every caption of the image, tokenised, however many there are: eval.py
+    scores against exactly these, each once, as the official COCO scorer does, while the split
+    file holds --captions-per-image of them for training and the teacher-forced loss.
+    """
+    return {"file": str(Path(record["path"]).resolve()), "name": record["name"], "image_id": record["image_id"],
+            "captions": record["captions"], "references": record["references"],
+            "objects": normalised_objects(record, record["path"])}
 
 
 def write_captions(h5, records, word_map, args):
@@ -396,17 +438,29 @@ def write_captions(h5, records, word_map, args):
     h5.create_dataset("lengths", data=lengths)
 
 
+def exit_on_sigterm(signum, _frame):
+    """SIGTERM (a scheduler's time limit, `kill`) unwinds like Ctrl-C, so pack() removes its partial files."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     """Pack a dataset; print what was kept and dropped."""
     args = parse_args(argv)
-    manifest = pack(args)
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        manifest = pack(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"packed {manifest['images']} images into {args.output_folder}, "
           f"vocabulary {manifest['vocab_size']} words")
     dropped = {k: v for k, v in manifest["dropped"].items() if v}
     if dropped:
         print("dropped: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in dropped.items()))
-    for name in manifest["bad_images"]:
-        print(f"  skipped bad image: {name}")
+    for bad in manifest["bad_images"]:
+        print(f"  skipped bad image: {bad['file']} ({bad['reason']})")
+    for split in (s for s in SPLITS if not manifest["images"][s]):
+        print(f"note: the {split} split is empty: " + ("train.py needs it" if split != "test"
+                                                      else "eval.py --split test will have nothing to score"))
     return manifest
 
 

@@ -3,9 +3,10 @@
     python eval.py --checkpoint runs/coco/best.pt --data-folder data/coco_packed --beam-size 3
     python eval.py --checkpoint runs/demo/train/best.pt --data-folder runs/demo/data --split test
 
-Reports BLEU-1..4 (nltk corpus_bleu against all references of each image, special tokens removed, as
-in the tutorial), METEOR (needs Java), ROUGE-L and CIDEr (pycocoevalcap), and the BLEU-4 of a
-content-free baseline. On a dataset with object annotations (the shapes set) it also reports whether
+Scores against every reference caption of each image, each once, as the official COCO scorer does
+(create_input_files.py keeps them all in {split}_meta.json; the split file holds only
+--captions-per-image of them, for training). Reports BLEU-1..4 (nltk corpus_bleu), METEOR (needs
+Java), ROUGE-L and CIDEr (pycocoevalcap), and the BLEU-4 of a content-free baseline. On a dataset with object annotations (the shapes set) it also reports whether
 captions name the right objects and whether attention lands on the object a word names.
 Writes captions as a COCO results JSON and the metrics as JSON into --output-dir.
 """
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from checkpoints import check_word_maps_match, models_from_checkpoint
 from datasets import SPLITS, CaptionDataset, decode_tokens, meta_file, reference_tokens
 from metrics import bleu_scores, coco_caption_metrics, content_scores, grounding_scores
-from utils import keep_freed_memory, read_json, resolve_device, run_main, write_json
+from utils import UserError, keep_freed_memory, read_json, resolve_device, run_main, write_json
 
 
 def parse_args(argv=None):
@@ -94,23 +95,42 @@ def content_free_baseline(references, objects_per_image, seed):
     return baseline
 
 
+def scoring_references(meta, packed_references, rev_word_map, data_folder):
+    """Every reference caption of each image (word lists), and notes for the report.
+
+    Folders packed before create_input_files.py kept all references in the metadata have only the
+    packed captions: those are used then, with a note, since they miss an image's extra captions
+    and repeat some when it has fewer, and so do not give the official scorer's figures.
+    """
+    if all("references" in m for m in meta):
+        return [m["references"] for m in meta], []
+    note = (f"{data_folder} was packed before every reference was kept: scored against the packed captions "
+            "(extra ones missing, some repeated, rare words as <unk>); pack again for the official protocol")
+    return [[decode_tokens(r, rev_word_map) for r in refs] for refs in packed_references], [note]
+
+
 def evaluate(encoder, decoder, word_map, data_folder, split, beam_size, max_steps, batch_size, device,
              workers=0, coco_metrics=True, seed=0, show_progress=True):
     """Decode a split and compute every metric; returns (metrics dict, captions as word lists)."""
     dataset = CaptionDataset(data_folder, split, per_image=True)
+    if len(dataset) == 0:
+        raise UserError(f"{data_folder}: the {split} split has no images, so there is nothing to score; "
+                        "choose another --split, or pack again with images in this one")
     meta = read_json(meta_file(data_folder, split), "the split's metadata from create_input_files.py")["images"]
-    hypotheses, references, alphas = decode_split(encoder, decoder, dataset, word_map, beam_size, max_steps,
-                                                  batch_size, device, workers, return_alphas=True,
-                                                  show_progress=show_progress)
+    hypotheses, packed_references, alphas = decode_split(encoder, decoder, dataset, word_map, beam_size, max_steps,
+                                                         batch_size, device, workers, return_alphas=True,
+                                                         show_progress=show_progress)
     rev_word_map = {v: k for k, v in word_map.items()}
     hyp_words = [decode_tokens(h, rev_word_map) for h in hypotheses]
-    ref_words = [[decode_tokens(r, rev_word_map) for r in refs] for refs in references]
+    ref_words, notes = scoring_references(meta, packed_references, rev_word_map, data_folder)
 
     metrics = {"split": split, "beam_size": beam_size, "images": len(hypotheses), **bleu_scores(ref_words, hyp_words)}
-    notes = []
     if coco_metrics:
-        scores, notes = coco_caption_metrics(ref_words, hyp_words)
+        if show_progress:
+            print(f"scoring {len(hyp_words)} captions: METEOR (Java), ROUGE-L, CIDEr ...", file=sys.stderr, flush=True)
+        scores, coco_notes = coco_caption_metrics(ref_words, hyp_words)
         metrics.update(scores)
+        notes += coco_notes
 
     objects = [m.get("objects") for m in meta]
     baseline = content_free_baseline(ref_words, objects, seed)

@@ -148,7 +148,7 @@ def test_packing_a_mixed_folder_with_skip_bad_images(tmp_path, capsys):
         ["--karpathy-json", str(json_path), "--image-folder", str(tmp_path), "--output-folder", str(out),
          "--image-size", str(SIZE), "--workers", "0", "--min-word-freq", "1", "--skip-bad-images"])
     stdout = capsys.readouterr().out
-    assert sorted(Path(p).name for p in manifest["bad_images"]) == sorted(bad)
+    assert sorted(Path(b["file"]).name for b in manifest["bad_images"]) == sorted(bad)
     assert sum(manifest["images"].values()) == len(good) and manifest["dropped"]["bad_images"] == len(bad)
     assert f"{len(bad)} bad images" in stdout
     packed = []

@@ -1,6 +1,8 @@
-"""Metrics against figures computed here by hand or by nltk directly: eval.py's BLEU on its own
-captions file and the packed references, and the shapes set's content and grounding scores."""
+"""Metrics against figures computed here by hand, by nltk directly or by the official COCO scorer:
+eval.py's BLEU on its own captions file and every reference, eval.py's scores against COCOEvalCap's,
+and the shapes set's content and grounding scores."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,16 +10,16 @@ import torch
 from nltk.translate.bleu_score import corpus_bleu
 
 import eval as evaluate_script
-from conftest import packed_captions
-from metrics import box_cells, content_scores, grounding_scores
+from conftest import pack_args, packed_captions, write_karpathy
+from metrics import box_cells, coco_caption_metrics, content_scores, grounding_scores
 
 
-def test_eval_bleu_is_nltk_bleu_of_its_captions_against_the_packed_references(trained_run, packed_data, tmp_path):
+def test_eval_bleu_is_nltk_bleu_of_its_captions_against_every_reference(trained_run, packed_data, tmp_path):
     metrics = evaluate_script.main(["--checkpoint", str(trained_run / "best.pt"), "--data-folder", str(packed_data),
                                     "--beam-size", "3", "--workers", "0", "--no-coco-metrics",
                                     "--output-dir", str(tmp_path)])
     captions = json.loads((tmp_path / "captions_test_beam3.json").read_text())
-    references, _ = packed_captions(packed_data, "test")
+    references = [m["references"] for m in json.loads((packed_data / "test_meta.json").read_text())["images"]]
     hypotheses = [c["caption"].split() for c in captions]
     assert len(hypotheses) == len(references) == metrics["images"]
     for n in (1, 4):
@@ -73,3 +75,80 @@ def test_the_content_free_baseline_never_gives_an_image_its_own_captions():
     for i, caption in enumerate(baseline):
         donor = int(caption[1])
         assert donor != i and len(objects[donor]) == len(objects[i])
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.py against the official COCO scorer, on images with 3, 5 and 7 reference captions
+
+TEST_CAPTIONS = [
+    ["A red circle beside a blue square.", "a red circle and a blue square", "Two shapes: a circle and a square."],
+    ["A green triangle on the left.", "a small green triangle", "A triangle that is green.",
+     "green triangle at the left side", "The triangle is green and small."],
+    ["A big yellow star in the middle.", "a yellow star", "A star, yellow and big.", "one yellow star in the centre",
+     "a large yellow star", "The star in the middle is yellow.", "yellow star on a white background"],
+]
+HYPOTHESES = [["a", "red", "circle", "and", "a", "blue", "square"], ["a", "green", "triangle", "on", "the", "left"],
+              ["a", "big", "yellow", "star", "in", "the", "centre"]]
+
+
+class NoSpice:
+    """SPICE needs Stanford CoreNLP downloaded at first use, which cannot happen offline; every other
+    scorer of COCOEvalCap runs as published."""
+
+    def method(self):
+        return "SPICE"
+
+    def compute_score(self, gts, res):
+        return 0.0, [0.0] * len(gts)
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the official scorer's tokenizer and METEOR need Java")
+def test_eval_scores_every_reference_once_as_the_official_coco_scorer_does(tmp_path, monkeypatch):
+    from PIL import Image
+    from pycocotools.coco import COCO
+    import pycocoevalcap.eval as coco_eval
+
+    import create_input_files
+
+    entries = [(f"train{i}.png", "train", [" ".join(words)]) for i, words in enumerate(HYPOTHESES)]
+    entries += [("val0.png", "val", ["a green triangle"])]
+    entries += [(f"test{i}.png", "test", captions) for i, captions in enumerate(TEST_CAPTIONS)]
+    for name, _, _ in entries:
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / name)
+    data = tmp_path / "packed"
+    create_input_files.main(pack_args(write_karpathy(tmp_path, entries), tmp_path, data, "--captions-per-image", "5"))
+    word_map = json.loads((data / "word_map.json").read_text())
+
+    def decode_split(encoder, decoder, dataset, word_map, *args, **kwargs):  # the captions to score
+        tokens = [[word_map[w] for w in words] for words in HYPOTHESES]
+        packed = [[list(map(word_map.get, w)) for w in refs] for refs in packed_captions(data, "test")[0]]
+        return tokens, packed, [None] * len(tokens)
+
+    monkeypatch.setattr(evaluate_script, "decode_split", decode_split)
+    metrics, captions = evaluate_script.evaluate(None, None, word_map, data, "test", 1, 20, 4, torch.device("cpu"),
+                                                 show_progress=False)
+    assert metrics["notes"] == []
+
+    # The official way: the raw captions as a COCO annotation file, the results as eval.py writes them.
+    meta = json.loads((data / "test_meta.json").read_text())["images"]
+    annotations = {"images": [{"id": m["image_id"]} for m in meta], "type": "captions", "info": {}, "licenses": [],
+                   "annotations": [{"image_id": m["image_id"], "id": 100 * k + j, "caption": c}
+                                   for k, m in enumerate(meta) for j, c in enumerate(m["captions"])]}
+    (tmp_path / "annotations.json").write_text(json.dumps(annotations))
+    (tmp_path / "results.json").write_text(json.dumps(captions))
+    coco = COCO(str(tmp_path / "annotations.json"))
+    monkeypatch.setattr(coco_eval, "Spice", NoSpice)
+    official = coco_eval.COCOEvalCap(coco, coco.loadRes(str(tmp_path / "results.json")))
+    official.evaluate()
+    scores = official.eval
+
+    assert [len(m["captions"]) for m in meta] == [3, 5, 7]
+    for n in range(1, 5):  # nltk's and the official BLEU differ in rounding and smoothing only
+        assert metrics[f"bleu{n}"] == pytest.approx(scores[f"Bleu_{n}"], abs=1e-3)
+    assert metrics["meteor"] == scores["METEOR"]
+    assert metrics["rougeL"] == scores["ROUGE_L"]
+    assert metrics["cider"] == scores["CIDEr"]
+    # Scoring against the 5 packed captions instead (what eval.py did before) gives other figures.
+    packed_scores, _ = coco_caption_metrics(
+        [[[w for w in c if w != "<unk>"] for c in refs] for refs in packed_captions(data, "test")[0]], HYPOTHESES)
+    assert abs(packed_scores["cider"] - scores["CIDEr"]) > 1e-3

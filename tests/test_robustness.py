@@ -216,8 +216,11 @@ def test_skip_bad_images_drops_them_and_their_captions_and_lists_them(tmp_path, 
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == json.loads(json.dumps(manifest))
     assert on_disk["images"]["train"] == 3 and on_disk["dropped"]["bad_images"] == 4
-    assert sorted(on_disk["bad_images"]) == sorted(str(p) for p in bad.values())
-    assert "4 bad images" in stdout and all(str(p) in stdout for p in bad.values())
+    assert sorted(b["file"] for b in on_disk["bad_images"]) == sorted(str(p) for p in bad.values())
+    reasons = {Path(b["file"]).name: b["reason"] for b in on_disk["bad_images"]}
+    assert "truncated" in reasons[bad["truncated"].name].lower() and reasons["missing.jpg"] == "no such image file"
+    assert "4 bad images" in stdout
+    assert all(f"{p} ({reasons[p.name]})" in stdout for p in bad.values())
     # Their captions are gone: no word only they used reaches the word map or the caption file.
     word_map = json.loads((out / "word_map.json").read_text())
     assert not [w for w in word_map if w.startswith("zzz")]
