@@ -1,4 +1,4 @@
-"""Caption one image (or every image in a folder) and draw where the model looked for each word.
+r"""Caption one image (or every image in a folder) and draw where the model looked for each word.
 
     python caption.py --img img/example.jpg --checkpoint runs/coco/best.pt --out caption.png
     python caption.py --img photos/ --checkpoint runs/coco/best.pt --out figures/
@@ -8,9 +8,15 @@
 The figure shows the image, then one panel per word with that step's attention map upsampled and
 laid over the image. With --data-folder, an image from the packed dataset that has object
 annotations (the shapes set) gets its object boxes drawn too.
+
+Where figures go (--out): a name ending in .png, .jpg, .jpeg, .pdf or .svg is one figure in that
+format (for one --img file); anything else, or a folder that exists, is a folder (made if needed)
+that gets one figure per image, named after the image file: photo.jpg -> photo_jpg_attention.png.
+An image that cannot be read is reported in one line and skipped; the exit code is 1 if any was.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +24,11 @@ import torch
 
 from checkpoints import models_from_checkpoint
 from datasets import SPLITS, decode_tokens, meta_file
-from utils import (UserError, keep_freed_memory, list_images, load_image, normalize_images, read_json,
-                   resolve_device, run_main)
+from utils import (IMAGE_SUFFIXES, UserError, keep_freed_memory, list_images, load_image, normalize_images,
+                   read_json, resolve_device, run_main)
+
+
+FIGURE_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
 
 def parse_args(argv=None):
@@ -30,7 +39,9 @@ def parse_args(argv=None):
     parser.add_argument("--beam-size", type=int, default=3, help="beam size (default 3; 1 is greedy)")
     parser.add_argument("--max-steps", type=int, default=50, help="most words per caption (default 50)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="write the attention figure here (a .png file; a folder when --img is a folder)")
+                        help="where the attention figures go: a file ending in " + ", ".join(FIGURE_FORMATS)
+                             + " (one --img file), or a folder that gets <image>_<ext>_attention.png per "
+                               "image (default: print the captions only)")
     parser.add_argument("--data-folder", type=Path, default=None,
                         help="packed dataset the image comes from, to draw its object boxes when known")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -41,7 +52,9 @@ def parse_args(argv=None):
 
 
 def known_objects(data_folder):
-    """{resolved image path: objects with normalised boxes} from a packed folder's metadata."""
+    """{key: objects with normalised boxes} of a packed folder's images, keyed both by the image's
+    absolute path and by its name within the dataset (images/shapes_000007.jpg), so that an image is
+    found from any folder, and after the dataset moved (see objects_of)."""
     objects = {}
     for split in SPLITS:
         path = meta_file(data_folder, split)
@@ -49,7 +62,44 @@ def known_objects(data_folder):
             for image in read_json(path, "split metadata from create_input_files.py")["images"]:
                 if image.get("objects"):
                     objects[str(Path(image["file"]).resolve())] = image["objects"]
+                    if image.get("name"):
+                        objects[image["name"]] = image["objects"]
     return objects
+
+
+def objects_of(path, boxes):
+    """The objects `boxes` (known_objects) holds for the image file `path`, or None: by absolute path,
+    else by the path's last parts as the dataset names them."""
+    path = Path(path).resolve()
+    if str(path) in boxes:
+        return boxes[str(path)]
+    for depth in range(1, min(len(path.parts), 4) + 1):  # Karpathy's names are filepath/filename
+        name = str(Path(*path.parts[-depth:]))
+        if name in boxes:
+            return boxes[name]
+    return None
+
+
+def figure_path(out, image, several, used):
+    """Where the figure of `image` goes under --out (see the module docstring); `used` holds the
+    names given so far, so two images never share a figure."""
+    if out.suffix.lower() in set(IMAGE_SUFFIXES) - set(FIGURE_FORMATS) and not out.is_dir():
+        raise UserError(f"{out}: figures are written as {', '.join(FIGURE_FORMATS)}; name such a file, or a folder")
+    if out.suffix.lower() in FIGURE_FORMATS and not out.is_dir():
+        if several:
+            raise UserError(f"{out}: --img is a folder, so --out must be a folder too (a name without "
+                            f"{', '.join(FIGURE_FORMATS)})")
+        return out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; name a folder, or a file ending in "
+                        + ", ".join(FIGURE_FORMATS))
+    name = f"{image.stem}_{image.suffix.lstrip('.')}_attention" if image.suffix else f"{image.name}_attention"
+    candidate, n = f"{name}.png", 1
+    while candidate in used:
+        n += 1
+        candidate = f"{name}_{n}.png"
+    used.add(candidate)
+    return out / candidate
 
 
 def attention_figure(image, words, alphas, grid, out_path, objects=None):
@@ -85,11 +135,15 @@ def attention_figure(image, words, alphas, grid, out_path, objects=None):
                                            linewidth=1.2))
         ax.set_title(title, fontsize=11)
     fig.tight_layout()
+    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(out_path)  # a figure is there whole or not at all
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=90, format=out_path.suffix.lstrip(".").lower() or "png")
+        tmp.replace(out_path)  # a figure is there whole or not at all
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -104,25 +158,41 @@ def caption_image(encoder, decoder, word_map, path, image_size, beam_size, max_s
 
 
 def main(argv=None):
-    """Caption the images; print each caption and write the figures asked for."""
+    """Caption the images; print each caption and write the figures asked for. Returns
+    [(path, words)] of the images captioned; raises UserError at the end if any could not be."""
     args = parse_args(argv)
     device = resolve_device(args.device)
     keep_freed_memory(device)
     images = list_images(args.img)
+    several = args.img.is_dir()
+    if args.out is not None:
+        figure_path(args.out, images[0], several, set())  # refuse a bad --out before loading the model
     encoder, decoder, state = models_from_checkpoint(args.checkpoint, device)
     boxes = known_objects(args.data_folder) if args.data_folder else {}
-    if args.out is not None and args.img.is_dir() and args.out.suffix:
-        raise UserError(f"{args.out}: --img is a folder, so --out must be a folder too")
-    results = []
+    results, failed, used = [], [], set()
     for path in images:
-        words, alphas, pixels = caption_image(encoder, decoder, state["word_map"], path, state["image_size"],
-                                              args.beam_size, args.max_steps, device)
+        try:
+            words, alphas, pixels = caption_image(encoder, decoder, state["word_map"], path, state["image_size"],
+                                                  args.beam_size, args.max_steps, device)
+        except UserError as exc:
+            if not several:
+                raise
+            print(f"skipped: {exc}", file=sys.stderr)
+            failed.append(path)
+            continue
         print(f"{path}: {' '.join(words)}")
         if args.out is not None:
-            out = args.out / f"{path.stem}_attention.png" if args.img.is_dir() else args.out
-            attention_figure(pixels, words, alphas, encoder.encoded_size, out, boxes.get(str(path.resolve())))
+            objects = objects_of(path, boxes)
+            if boxes and objects is None:
+                print(f"note: {path} is not among the images packed in {args.data_folder} (by absolute path "
+                      "or dataset name), so no object boxes are drawn", file=sys.stderr)
+            out = figure_path(args.out, path, several, used)
+            attention_figure(pixels, words, alphas, encoder.encoded_size, out, objects)
             print(f"attention figure: {out}")
         results.append((path, words))
+    if failed:
+        raise UserError(f"{len(failed)} of {len(images)} images in {args.img} could not be captioned "
+                        "(listed above); the others were")
     return results
 
 

@@ -6,8 +6,9 @@
 Scores against every reference caption of each image, each once, as the official COCO scorer does
 (create_input_files.py keeps them all in {split}_meta.json; the split file holds only
 --captions-per-image of them, for training). Reports BLEU-1..4 (nltk corpus_bleu), METEOR (needs
-Java), ROUGE-L and CIDEr (pycocoevalcap), and the BLEU-4 of a content-free baseline. On a dataset with object annotations (the shapes set) it also reports whether
-captions name the right objects and whether attention lands on the object a word names.
+Java), ROUGE-L and CIDEr (pycocoevalcap), and the BLEU-4 of a content-free baseline. On a dataset
+with object annotations (the shapes set) it also reports whether captions name the right objects
+and whether attention lands on the object a word names.
 Writes captions as a COCO results JSON and the metrics as JSON into --output-dir.
 """
 

@@ -21,8 +21,12 @@ def bleu_scores(references, hypotheses):
     weights = {1: (1.0,), 2: (0.5, 0.5), 3: (1 / 3,) * 3, 4: (0.25,) * 4}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nltk warns when a short corpus has no 4-gram matches
-        return {f"bleu{n}": float(corpus_bleu(references, hypotheses, weights=w))
-                for n, w in weights.items()}
+        scores = {f"bleu{n}": float(corpus_bleu(references, hypotheses, weights=w)) for n, w in weights.items()}
+    # Without smoothing, BLEU is 0 when some n-gram order has no match at all, but nltk puts the
+    # smallest float (~1e-308) in that precision's place and returns its root: 1e-77 for one order
+    # of four, 1e-231 for three (a real BLEU is never that small: even a brevity penalty of one word
+    # against fifty is 5e-22). Write the 0 it stands for.
+    return {name: (0.0 if score < 1e-50 else score) for name, score in scores.items()}
 
 
 def coco_caption_metrics(references, hypotheses):

@@ -33,7 +33,7 @@ from checkpoints import (ARCH_ARGS, CHECKPOINT_VERSION, build_models, load_check
                          rng_state, save_checkpoint, set_rng_state)
 from datasets import CaptionDataset, read_word_map, reference_tokens
 from losses import caption_loss, caption_loss_sums, loss_from_sums, top5_correct
-from metrics import AverageMeter, bleu_scores
+from metrics import bleu_scores
 from models import RESNET_ARCHS, RESNET_BLOCKS
 from utils import UserError, atomic_write, keep_freed_memory, resolve_device, run_main
 
@@ -109,7 +109,8 @@ def add_system_flags(system):
     """Device, mixed precision, seed, resuming and periodic checkpoints."""
     system.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     system.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                        help="mixed precision on CUDA: bf16, or fp16 with a gradient scaler (default none)")
+                        help="mixed precision: bf16, or fp16 with a gradient scaler (default none); made for "
+                             "CUDA, and run by torch's CPU autocast on the CPU (with a note saying so)")
     system.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     system.add_argument("--resume", type=Path, default=None,
                         help="continue from this checkpoint (last.pt) exactly where it stopped")
@@ -125,6 +126,8 @@ def setup_distributed(device_flag):
     """Start the process group when torchrun launched us; returns (rank, world_size, device)."""
     if "RANK" not in os.environ:
         return 0, 1, resolve_device(device_flag)
+    if device_flag not in ("auto", "cpu"):
+        resolve_device(device_flag)  # refuses cuda where there is none, in one sentence
     local_rank = int(os.environ["LOCAL_RANK"])
     use_cuda = torch.cuda.is_available() and device_flag != "cpu"
     if use_cuda:
@@ -172,6 +175,12 @@ class Progress:
     best_bleu4: float = -1.0
     epochs_since_improvement: int = 0
     history: list = field(default_factory=list)  # one dict of metrics per finished epoch
+    # Sums over the steps of `epoch` trained so far, over all processes: what the epoch's train_loss
+    # and train_top5 are computed from, so that an epoch resumed part way reports an uninterrupted one's.
+    epoch_sums: dict = field(default_factory=lambda: dict.fromkeys(EPOCH_SUMS, 0.0))
+
+
+EPOCH_SUMS = ("loss", "top5", "words")  # loss x words, correct top-5 predictions, real words
 
 
 @dataclass
@@ -296,7 +305,20 @@ def resume_training(state, optimizers, scaler, args, world_size):
         scaler.load_state_dict(state["scaler"])
     if world_size == 1:
         set_rng_state(state["rng"])
-    return Progress(**{f.name: state[f.name] for f in fields(Progress)})
+    # Checkpoints from before a field existed resume with its default.
+    return Progress(**{f.name: state[f.name] for f in fields(Progress) if f.name in state})
+
+
+def finished_already(progress, args):
+    """Why a resumed run has no epoch left to train (a sentence), or None."""
+    if progress.epoch >= args.epochs:
+        return (f"has finished {progress.epoch} epochs and --epochs is {args.epochs}; pass a larger "
+                "--epochs to train further")
+    if progress.epochs_since_improvement >= args.early_stop_patience:
+        return (f"stopped early after {progress.epochs_since_improvement} epochs without a better validation "
+                f"BLEU-4 (--early-stop-patience {args.early_stop_patience}); pass a larger --early-stop-patience "
+                "to train further")
+    return None
 
 
 def write_metrics_csv(path, history):
@@ -380,17 +402,18 @@ def train_step(run, images, captions, lengths, step, stop):
 def train_one_epoch(run, loader, stop, show_progress=True, on_step=None):
     """Teacher-forced training over `loader` (the rest of the epoch, when resumed mid-epoch).
 
-    Advances run.progress.samples_done, writes last.pt every --save-every steps, and calls
-    `on_step()` after each step when given (bench.py times steps with it). Returns the loss and
-    top-5 meters of the steps run, and whether a stop signal ended the epoch early.
+    Advances run.progress.samples_done and run.progress.epoch_sums, writes last.pt every
+    --save-every steps, and calls `on_step()` after each step when given (bench.py times steps with
+    it). Returns whether a stop signal ended the epoch early.
     """
     args, progress = run.args, run.progress
     run.encoder.train()
     run.decoder.train()
-    losses, top5 = AverageMeter(), AverageMeter()
+    unsynced = Counter()  # this process's sums since they were last added into progress.epoch_sums
     bar = tqdm(loader, desc=f"epoch {progress.epoch}", unit="batch", file=sys.stderr,
                disable=not show_progress, dynamic_ncols=True)
     first_step = progress.samples_done // (args.batch_size * run.world_size)  # > 0 when resumed mid-epoch
+    stopped = False
     for step, (images, captions, lengths) in enumerate(bar, start=first_step):
         images = images.to(run.device, non_blocking=True)
         captions = captions.to(run.device, non_blocking=True)
@@ -398,20 +421,34 @@ def train_one_epoch(run, loader, stop, show_progress=True, on_step=None):
         loss, real_scores, real_targets, stopped = train_step(run, images, captions, lengths, step, stop)
 
         progress.samples_done += images.shape[0] * run.world_size
-        losses.update(loss.item(), real_targets.numel())
-        top5.update(top5_correct(real_scores, real_targets) / max(real_targets.numel(), 1), real_targets.numel())
-        bar.set_postfix(loss=f"{losses.avg:.3f}", top5=f"{100 * top5.avg:.1f}%")
+        words = real_targets.numel()
+        unsynced.update(loss=loss.item() * words, top5=top5_correct(real_scores, real_targets), words=words)
+        shown = {k: progress.epoch_sums[k] + unsynced[k] for k in EPOCH_SUMS}  # this process's view
+        bar.set_postfix(loss=f"{shown['loss'] / max(shown['words'], 1):.3f}",
+                        top5=f"{100 * shown['top5'] / max(shown['words'], 1):.1f}%")
         if args.save_every and (progress.samples_done // (args.batch_size * run.world_size)) % args.save_every == 0:
+            add_epoch_sums(run, unsynced)
             run.save("last.pt")
         if on_step is not None:
             on_step()
         if stopped:
-            return losses, top5, True
-    return losses, top5, False
+            break
+    add_epoch_sums(run, unsynced)
+    return stopped
+
+
+def add_epoch_sums(run, unsynced):
+    """Add every process's unsynced sums into run.progress.epoch_sums and clear them. All processes
+    call it at the same steps (before a checkpoint, at the epoch's end), so their progress agrees."""
+    totals = all_reduce_sum([float(unsynced[k]) for k in EPOCH_SUMS], run.device, run.world_size)
+    for key, total in zip(EPOCH_SUMS, totals):
+        run.progress.epoch_sums[key] += total
+    unsynced.clear()
 
 
 @torch.no_grad()
-def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size, max_steps, world_size):
+def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size, max_steps, world_size,
+             show_progress=False):
     """Teacher-forced loss and top-5 accuracy on every reference, and BLEU-4 from real decoding.
 
     With several processes each decodes its shard; the sums are all-reduced and the captions
@@ -423,7 +460,9 @@ def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size
     decoder = unwrap(decoder)
     sums = Counter()  # of caption_loss_sums, over the batches of this process's shard
     decoded, references = [], {}
-    for images, captions, lengths, indices in loader:
+    for images, captions, lengths, indices in tqdm(loader, desc=f"validating (decoding, beam {beam_size})",
+                                                   unit="batch", file=sys.stderr, disable=not show_progress,
+                                                   dynamic_ncols=True):
         images = images.to(device, non_blocking=True)
         batch, per_image, length = captions.shape
         flat_captions = captions.view(batch * per_image, length).to(device)  # (B*C, L)
@@ -475,7 +514,7 @@ def fit(run, train_set, val_loader, loader_options, stop):
         train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=list(sampler)[skip:],
                                   **loader_options)
         started = time.time()
-        losses, top5, stopped = train_one_epoch(run, train_loader, stop, show_progress=run.is_main)
+        stopped = train_one_epoch(run, train_loader, stop, show_progress=run.is_main)
         if stopped:
             # Under torchrun a process whose own signal has not arrived yet stops with the others.
             signum = stop.signal or signal.SIGTERM
@@ -487,19 +526,22 @@ def fit(run, train_set, val_loader, loader_options, stop):
 
         # Validate by decoding, and keep the best epoch.
         metrics, _ = validate(run.encoder, run.decoder, val_loader, run.word_map, run.device, args.amp,
-                              args.alpha_c, args.val_beam_size, max_steps, run.world_size)
+                              args.alpha_c, args.val_beam_size, max_steps, run.world_size,
+                              show_progress=run.is_main)
         improved = metrics["val_decoded_bleu4"] > progress.best_bleu4
         progress.best_bleu4 = max(progress.best_bleu4, metrics["val_decoded_bleu4"])
         progress.epochs_since_improvement = 0 if improved else progress.epochs_since_improvement + 1
-        loss_sum, top5_sum, words = all_reduce_sum([losses.sum, top5.sum, losses.count], run.device, run.world_size)
+        sums = progress.epoch_sums
         progress.history.append({
-            "epoch": progress.epoch, "train_loss": loss_sum / max(words, 1), "train_top5": top5_sum / max(words, 1),
+            "epoch": progress.epoch, "train_loss": sums["loss"] / max(sums["words"], 1),
+            "train_top5": sums["top5"] / max(sums["words"], 1),
             **metrics, "decoder_lr": run.optimizers["decoder"].param_groups[0]["lr"],
             "encoder_lr": run.optimizers["encoder"].param_groups[0]["lr"] if run.optimizers["encoder"] else 0.0,
             "seconds": round(time.time() - started, 1)})
 
         # Checkpoints and logs, at the start of the next epoch.
         progress.epoch, progress.samples_done = progress.epoch + 1, 0
+        progress.epoch_sums = dict.fromkeys(EPOCH_SUMS, 0.0)
         run.save("last.pt", *(["best.pt"] if improved else []))
         if run.is_main:
             write_metrics_csv(args.output_dir / "metrics.csv", progress.history)
@@ -533,6 +575,9 @@ def train(args, rank, world_size, device):
     """Set the run up (data, models, optimisers, resume) and fit it, once processes and devices are."""
     # The same seed on every process, so all build the same initial weights: DDP broadcasts only
     # the modules it wraps, and a frozen encoder is not wrapped.
+    if args.amp != "none" and device.type != "cuda" and rank == 0:
+        print(f"note: --amp {args.amp} on {device.type}: torch's CPU autocast runs it; the speed and memory "
+              "gains in README: Performance are CUDA's", file=sys.stderr)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
@@ -555,6 +600,11 @@ def train(args, rank, world_size, device):
     decoder.to(device)
     optimizers, scaler = build_optimizers(encoder, decoder, args), build_scaler(device, args.amp)
     progress = resume_training(state, optimizers, scaler, args, world_size) if state is not None else Progress()
+    if finished_already(progress, args):
+        if rank == 0:
+            print(f"train.py: nothing left to train: {args.resume} {finished_already(progress, args)}",
+                  file=sys.stderr)
+        return progress.history
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         decoder = DistributedDataParallel(decoder, device_ids=device_ids)

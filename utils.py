@@ -40,11 +40,31 @@ def run_main(main_fn, prog):
         raise SystemExit(128 + signal.SIGINT) from None
 
 
+def available_devices():
+    """The --device values that work on this machine: cpu, and cuda:0..N-1 when CUDA is usable."""
+    return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+
+
 def resolve_device(flag):
-    """--device: "auto" is CUDA when present, else the CPU; anything else as given (cpu, cuda, cuda:1)."""
+    """--device: "auto" is CUDA when present, else the CPU; otherwise cpu, cuda or cuda:N, checked
+    against what this machine has (a UserError naming the devices there are, not a driver traceback)."""
     if flag == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(flag)
+    here = ", ".join(available_devices())
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise UserError(f"--device {flag}: not a device name; use auto, or a device this machine has: {here}") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UserError(f"--device {flag}: this program runs on cpu or cuda; this machine has: {here}")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {flag}: CUDA is not available here (no GPU, or torch built without "
+                        f"CUDA); this machine has: {here}")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {flag}: there is no such GPU; this machine has: {here}")
+    return device
 
 
 def keep_freed_memory(device):

@@ -441,6 +441,10 @@ def test_sigkill_mid_epoch_then_resume_loses_only_the_steps_since_the_checkpoint
     # after the checkpoint, with the same batches and the same dropout masks.
     train.main(train_argv(data, tmp_path / "straight", "--save-every", "3", batch=4))
     assert_same_weights(tmp_path / "straight" / "last.pt", last)
+    # The epoch's training loss counts the steps before the checkpoint too (carried in it).
+    resumed, straight = read_history(tmp_path / "killed")[0], read_history(tmp_path / "straight")[0]
+    assert float(resumed["train_loss"]) == pytest.approx(float(straight["train_loss"]), rel=1e-9)
+    assert float(resumed["train_top5"]) == pytest.approx(float(straight["train_top5"]), rel=1e-9)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
