@@ -85,7 +85,7 @@ MUTATIONS = [
     Mutation("packing: a word seen exactly min-word-freq times becomes <unk>", "create_input_files.py",
              "if n >= min_word_freq)", "if n > min_word_freq)", PACKING),
     Mutation("packing: a caption of exactly max-len words is dropped", "create_input_files.py",
-             "elif len(tokens) > max_len:", "elif len(tokens) >= max_len:", PACKING),
+             "if len(tokens) > max_len:", "if len(tokens) >= max_len:", PACKING),
     Mutation("images: pixels not divided by 255 before ImageNet normalisation", "utils.py",
              "return (images.float() / 255.0 - mean) / std", "return (images.float() - mean) / std", PACKING),
     Mutation("dataset: caption i paired with the wrong image", "datasets.py",
@@ -143,6 +143,14 @@ MUTATIONS = [
     Mutation("errors: eval accepts a data folder of another word map", "checkpoints.py",
              "    if data_word_map != checkpoint_word_map:\n", "    if False:\n",
              ("tests/test_robustness.py", "-k", "another_word_map")),
+    # ---- what a new user trips over
+    Mutation("eval: scored against the packed captions, not every reference", "eval.py",
+             'if all("references" in m for m in meta):', 'if not meta:', METRICS),
+    Mutation("resume: the epoch's running sums are not read back", "train.py",
+             "for f in fields(Progress) if f.name in state}", 'for f in fields(Progress) if f.name in state '
+             'and f.name != "epoch_sums"}', RESUME),
+    Mutation("bleu: nltk's underflow written as it comes", "metrics.py",
+             "(0.0 if score < 1e-50 else score)", "score", ("tests/test_new_user.py", "-k", "bleu")),
 ]
 
 
