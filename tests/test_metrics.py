@@ -87,7 +87,8 @@ TEST_CAPTIONS = [
     ["A big yellow star in the middle.", "a yellow star", "A star, yellow and big.", "one yellow star in the centre",
      "a large yellow star", "The star in the middle is yellow.", "yellow star on a white background"],
 ]
-HYPOTHESES = [["a", "red", "circle", "and", "a", "blue", "square"], ["a", "green", "triangle", "on", "the", "left"],
+HYPOTHESES = [["a", "red", "circle", "and", "a", "green", "square"],
+              ["a", "green", "triangle", "on", "the", "right", "side"],
               ["a", "big", "yellow", "star", "in", "the", "centre"]]
 
 
