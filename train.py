@@ -564,6 +564,9 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world_size, device = setup_distributed(args.device)
     keep_freed_memory(device)
+    if args.amp != "none" and device.type != "cuda" and rank == 0:
+        print(f"note: --amp {args.amp} on {device.type}: torch's CPU autocast runs it; the speed and memory "
+              "gains in README: Performance are CUDA's", file=sys.stderr)
     try:
         return train(args, rank, world_size, device)
     finally:
@@ -575,9 +578,6 @@ def train(args, rank, world_size, device):
     """Set the run up (data, models, optimisers, resume) and fit it, once processes and devices are."""
     # The same seed on every process, so all build the same initial weights: DDP broadcasts only
     # the modules it wraps, and a frozen encoder is not wrapped.
-    if args.amp != "none" and device.type != "cuda" and rank == 0:
-        print(f"note: --amp {args.amp} on {device.type}: torch's CPU autocast runs it; the speed and memory "
-              "gains in README: Performance are CUDA's", file=sys.stderr)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
@@ -600,10 +600,10 @@ def train(args, rank, world_size, device):
     decoder.to(device)
     optimizers, scaler = build_optimizers(encoder, decoder, args), build_scaler(device, args.amp)
     progress = resume_training(state, optimizers, scaler, args, world_size) if state is not None else Progress()
-    if finished_already(progress, args):
+    finished = finished_already(progress, args)
+    if finished:
         if rank == 0:
-            print(f"train.py: nothing left to train: {args.resume} {finished_already(progress, args)}",
-                  file=sys.stderr)
+            print(f"train.py: nothing left to train: {args.resume} {finished}", file=sys.stderr)
         return progress.history
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
