@@ -233,3 +233,28 @@ def test_signal_on_one_of_two_nodes_stops_both_and_resumes_on_one_process(tiny_d
         sampler.set_epoch(0)
         done += list(sampler)[:4 * 16]
     assert sorted(done + samplers[0]) == list(range(len(train_set)))
+
+
+def test_a_time_limit_sigterm_saves_last_pt_and_torchrun_exits_1(tiny_data, tmp_path):
+    # What README: Training tells a cluster script: the workers save last.pt and say so, but torchrun
+    # answers SIGTERM with its own exit code 1 (and a SignalException traceback), not 143. The signal
+    # goes to the whole process group, as a scheduler's time limit does.
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               "--data-folder", str(tiny_data), "--output-dir", str(out), "--epochs", "50", *FROZEN,
+               "--batch-size", "2"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "args.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # some steps into the run
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    stderr = stderr.decode()
+    assert process.returncode == 1, stderr[-2000:]
+    assert f"stopped by signal {int(signal.SIGTERM)}; saved {out / 'last.pt'}" in stderr
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["samples_done"] > 0 or state["epoch"] > 0
