@@ -3,6 +3,7 @@
     python bench.py --quick                       # about 3 minutes on 2 CPU cores
     python bench.py                               # more images, steps and repeats
     python bench.py --device cuda --amp bf16
+    python bench.py --sections grouped            # steps grouped by image: about 6 minutes on 2 CPU cores
 
 Every figure is the median of --repeats timed runs (after an untimed warm-up, except for --quick's
 training steps), with random weights, which take as long as trained ones. What runs:
@@ -16,9 +17,9 @@ training steps), with random weights, which take as long as trained ones. What r
      CUDA also how often one call makes the host wait for the GPU (torch.cuda.set_sync_debug_mode);
   4. the decoder's precomputed attention projection against `StepLoopProjectionDecoder`, the same
      model with that projection computed inside the step loop (forward+backward);
-  5. grouped steps: training as in 2, at 40 captions a step, with --captions-per-image-per-step 5
-     (8 images and 5 captions of each: the encoder runs on 8 images) against 1 (40 images), frozen
-     and fine-tuned, one after the other in the same bench.py run;
+  5. grouped steps (--sections grouped, not run by default): training as in 2, at 40 captions a
+     step, with --captions-per-image-per-step 5 (8 images and 5 captions of each: the encoder runs on
+     8 images) against 1 (40 images), frozen and fine-tuned, one after the other in one run;
   6. peak memory of each, in one more untimed run: the RSS high-water mark of the process on CPU
      (Linux VmHWM, reset at the run's start; it includes Python, torch and the model, not worker
      processes); torch.cuda.max_memory_allocated on CUDA.
@@ -84,9 +85,9 @@ def parse_args(argv=None):
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc settings as they are instead of calling "
                              "utils.keep_freed_memory as train.py and eval.py do on the CPU: what it gains")
-    parser.add_argument("--sections", type=lambda text: text.split(","), default=list(SECTIONS),
-                        help="the sections to run, comma-separated (default all: packing,training,decoding,ablation,"
-                             "grouped); "
+    parser.add_argument("--sections", type=lambda text: text.split(","), default=list(DEFAULT_SECTIONS),
+                        help="the sections to run, comma-separated, from packing,training,decoding,ablation,grouped "
+                             "(default all but grouped, which adds about 6 minutes on 2 CPU cores); "
                              "packing runs on the CPU whatever --device says")
     parser.add_argument("--json", type=Path, default=None,
                         help="where the results go as JSON (default runs/bench_<device>[_<amp>][_quick]"
@@ -584,6 +585,7 @@ def section_ablation(spec):
 
 SECTIONS = {"packing": section_packing, "training": section_training, "decoding": section_decoding,
             "ablation": section_ablation, "grouped": section_training}
+DEFAULT_SECTIONS = ("packing", "training", "decoding", "ablation")
 
 
 def run_child(spec):
@@ -763,6 +765,21 @@ def markdown(results):
     return "\n".join(lines)
 
 
+def run_training_sections(args, warmup_steps, repeats, common, tmp):
+    """The training and grouped sections that args.sections asks for, on the set packed in `tmp`."""
+    results = {}
+    spec = dict(**common, device=args.device, amp=args.amp, workers=2, repeats=repeats, warmup_steps=warmup_steps,
+                data_folder=str(tmp / "packed"), tmp=str(tmp / "run"))
+    if "training" in args.sections:
+        results["training"] = [run_section("training", **spec, fine_tune=fine_tune) for fine_tune in (False, True)]
+    if "grouped" in args.sections:  # each fine-tuning setting with K=1, then K=5, back to back
+        results["grouped"] = [
+            run_section("grouped", **spec, fine_tune=fine_tune, batch_size=GROUPED_BATCH, per_image=per_image)
+            for fine_tune in (False, True) for per_image in (1, GROUPED_PER_IMAGE)]
+        results["grouped_speedup"] = grouped_speedups(results["grouped"])
+    return results
+
+
 def main(argv=None):
     """Run every section and print the table; returns the results dict."""
     args = parse_args(argv)
@@ -791,20 +808,7 @@ def main(argv=None):
                                              repeats=repeats)
         if {"training", "grouped"} & set(args.sections):
             pack_training_set(paths[:sizes["train_images"]], tmp / "packed")
-        if "training" in args.sections:
-            results["training"] = [
-                run_section("training", **common, device=args.device, amp=args.amp, fine_tune=fine_tune,
-                            workers=2, repeats=repeats, warmup_steps=sizes["train_warmup_steps"],
-                            data_folder=str(tmp / "packed"), tmp=str(tmp / "run"))
-                for fine_tune in (False, True)]
-        if "grouped" in args.sections:  # each fine-tuning setting with K=1, then K=5, back to back
-            results["grouped"] = [
-                run_section("grouped", **common, device=args.device, amp=args.amp, fine_tune=fine_tune,
-                            batch_size=GROUPED_BATCH, per_image=per_image, workers=2, repeats=repeats,
-                            warmup_steps=sizes["train_warmup_steps"], data_folder=str(tmp / "packed"),
-                            tmp=str(tmp / "run"))
-                for fine_tune in (False, True) for per_image in (1, GROUPED_PER_IMAGE)]
-            results["grouped_speedup"] = grouped_speedups(results["grouped"])
+        results.update(run_training_sections(args, sizes["train_warmup_steps"], repeats, common, tmp))
     if "decoding" in args.sections:
         results["decoding"] = run_section("decoding", **common, device=args.device,
                                           steps=sizes["decode_steps"], single_images=sizes["single_images"],
@@ -816,7 +820,7 @@ def main(argv=None):
         results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = targets(results)
     results["markdown"] = markdown(results)
-    some_sections = "" if args.sections == list(SECTIONS) else "_" + "-".join(args.sections)
+    some_sections = "" if args.sections == list(DEFAULT_SECTIONS) else "_" + "-".join(args.sections)
     json_path = args.json or Path("runs") / (f"bench_{args.device}{'_' + args.amp if args.amp != 'none' else ''}"
                                              f"{'_quick' if args.quick else ''}{some_sections}"
                                              f"{'_default_malloc' if args.default_malloc else ''}.json")
