@@ -89,11 +89,11 @@ def add_optimisation_flags(opt):
     opt.add_argument("--batch-size", type=int, default=32,
                      help="captions per step per process: under torchrun the global batch is "
                           "this times the number of processes (default 32)")
-    opt.add_argument("--captions-per-image-per-step", type=int, default=1,
-                     help="K: a step holds --batch-size / K images and K captions of each, and runs the "
+    opt.add_argument("--captions-per-image-per-step", type=int, default=1, metavar="K",
+                     help="a step holds --batch-size / K images and K captions of each, and runs the "
                           "encoder once per image, not once per caption; an epoch still trains every caption "
-                          "once. K must divide --batch-size and the packed captions per image (5), else "
-                          "train.py refuses. Default 1: captions drawn one by one, as the paper does")
+                          "once. K must divide --batch-size and the captions packed per image (5 by default), "
+                          "else train.py refuses. Default 1: captions drawn one by one, as the paper does")
     opt.add_argument("--decoder-lr", type=float, default=4e-4, help="Adam learning rate, decoder (4e-4)")
     opt.add_argument("--encoder-lr", type=float, default=1e-4,
                      help="Adam learning rate, encoder, when fine-tuned (1e-4)")
