@@ -3,6 +3,7 @@
     python bench.py --quick                       # about 3 minutes on 2 CPU cores
     python bench.py                               # more images, steps and repeats
     python bench.py --device cuda --amp bf16
+    python bench.py --sections grouped            # steps grouped by image: about 6 minutes on 2 CPU cores
 
 Every figure is the median of --repeats timed runs (after an untimed warm-up, except for --quick's
 training steps), with random weights, which take as long as trained ones. What runs:
@@ -16,7 +17,10 @@ training steps), with random weights, which take as long as trained ones. What r
      CUDA also how often one call makes the host wait for the GPU (torch.cuda.set_sync_debug_mode);
   4. the decoder's precomputed attention projection against `StepLoopProjectionDecoder`, the same
      model with that projection computed inside the step loop (forward+backward);
-  5. peak memory of each, in one more untimed run: the RSS high-water mark of the process on CPU
+  5. grouped steps (--sections grouped, not run by default): training as in 2, at 40 captions a
+     step, with --captions-per-image-per-step 5 (8 images and 5 captions of each: the encoder runs on
+     8 images) against 1 (40 images), frozen and fine-tuned, one after the other in one run;
+  6. peak memory of each, in one more untimed run: the RSS high-water mark of the process on CPU
      (Linux VmHWM, reset at the run's start; it includes Python, torch and the model, not worker
      processes); torch.cuda.max_memory_allocated on CUDA.
 Each section runs in a fresh Python process, so one section's memory does not count in another's.
@@ -58,6 +62,7 @@ VOCAB = 10000  # COCO's word map at --min-word-freq 5 has about 9,500 words
 START, END = VOCAB - 2, VOCAB - 1  # create_input_files.py puts <start> and <end> last
 MAX_LEN = 50  # create_input_files.py's default: captions are padded to MAX_LEN + 2 tokens
 BATCH_SIZE = 32
+GROUPED_BATCH, GROUPED_PER_IMAGE = 40, 5  # captions a step, and captions of an image in a step
 DECODE_BATCH = 64
 PACK_SIZE = 256
 # --quick skips the training warm-up step (the median of 3 leaves out one slow first step).
@@ -80,8 +85,9 @@ def parse_args(argv=None):
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc settings as they are instead of calling "
                              "utils.keep_freed_memory as train.py and eval.py do on the CPU: what it gains")
-    parser.add_argument("--sections", type=lambda text: text.split(","), default=list(SECTIONS),
-                        help="the sections to run, comma-separated (default all: packing,training,decoding,ablation); "
+    parser.add_argument("--sections", type=lambda text: text.split(","), default=list(DEFAULT_SECTIONS),
+                        help="the sections to run, comma-separated, from packing,training,decoding,ablation,grouped "
+                             "(default all but grouped, which adds about 6 minutes on 2 CPU cores); "
                              "packing runs on the CPU whatever --device says")
     parser.add_argument("--json", type=Path, default=None,
                         help="where the results go as JSON (default runs/bench_<device>[_<amp>][_quick]"
@@ -391,38 +397,45 @@ def calibrate_batchnorm(encoder, images):
 
 
 def section_training(spec):
-    """Captions/s of train.train_one_epoch with the default model, split into its parts."""
+    """Captions/s of train.train_one_epoch with the default model, split into its parts: at batch 32,
+    or at spec's batch_size captions a step, per_image of each image (train.py's
+    --captions-per-image-per-step)."""
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    argv = ["--data-folder", spec["data_folder"], "--no-pretrained", "--batch-size", str(BATCH_SIZE),
-            "--workers", str(spec["workers"]), "--amp", spec["amp"], "--output-dir", spec["tmp"]]
+    batch_size, per_image = spec.get("batch_size", BATCH_SIZE), spec.get("per_image", 1)
+    argv = ["--data-folder", spec["data_folder"], "--no-pretrained", "--batch-size", str(batch_size),
+            "--captions-per-image-per-step", str(per_image), "--workers", str(spec["workers"]), "--amp", spec["amp"],
+            "--output-dir", spec["tmp"]]
     args = train.parse_args(argv + (["--fine-tune-encoder"] if spec["fine_tune"] else []))
     encoder, decoder = build_models(vars(args), VOCAB)
     encoder.to(device)
     decoder.to(device)
     optimizers = train.build_optimizers(encoder, decoder, args)
-    dataset = CaptionDataset(args.data_folder, "train")
+    dataset = CaptionDataset(args.data_folder, "train", captions_per_item=per_image)
     run = train.Run(args, encoder, decoder, optimizers, train.build_scaler(device, args.amp), train.Progress(),
                     word_map={}, image_size=dataset.manifest["image_size"], device=device)
-    loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, drop_last=True, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=train.worker_init,
+    loader = DataLoader(dataset, batch_size=batch_size // per_image, shuffle=True, drop_last=True,
+                        num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=train.worker_init,
                         persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(0))
-    calibrate_batchnorm(encoder, torch.stack([dataset[i][0] for i in range(BATCH_SIZE)]).to(device))
+    # The same images for every setting: those of the first 32 captions.
+    calibrate_batchnorm(encoder, torch.stack([dataset._image(i // dataset.captions_per_image)
+                                              for i in range(BATCH_SIZE)]).to(device))
     timer = StepTimer(device, encoder, decoder, run.trainable)
     warmup = spec["warmup_steps"]
     steps = warmup + spec["repeats"]
-    if steps * BATCH_SIZE > len(dataset):
-        raise RuntimeError(f"{len(dataset)} captions packed, {steps * BATCH_SIZE} needed")
+    if steps * batch_size > len(dataset) * per_image:
+        raise RuntimeError(f"{len(dataset) * per_image} captions packed, {steps * batch_size} needed")
     with PeakMemory(device) as memory:
         train.train_one_epoch(run, timer.loader(loader, steps), train.StopRequested(), show_progress=False,
                               on_step=timer.on_step)
     timed = timer.steps[warmup:]
     parts = {k: median([s[k] for s in timed]) for k in timed[0]}
-    return {"fine_tune": spec["fine_tune"], "workers": args.workers, "amp": args.amp,
+    return {"fine_tune": spec["fine_tune"], "workers": args.workers, "amp": args.amp, "batch_size": batch_size,
+            "per_image": per_image,
             "trainable_encoder_params": sum(p.numel() for p in encoder.parameters() if p.requires_grad),
-            "captions_per_s": BATCH_SIZE / parts["step"], "median_seconds": parts,
+            "captions_per_s": batch_size / parts["step"], "median_seconds": parts,
             "data_fraction": parts["data"] / parts["step"], "steps": timed, "peak_memory_mib": memory.mib}
 
 
@@ -571,7 +584,8 @@ def section_ablation(spec):
 
 
 SECTIONS = {"packing": section_packing, "training": section_training, "decoding": section_decoding,
-            "ablation": section_ablation}
+            "ablation": section_ablation, "grouped": section_training}
+DEFAULT_SECTIONS = ("packing", "training", "decoding", "ablation")
 
 
 def run_child(spec):
@@ -596,7 +610,7 @@ def run_section(name, **spec):
     """Run a section in a fresh Python process with the settings in `spec`; returns its result dict."""
     started = time.perf_counter()
     print(f"bench: {name} {'' if 'fine_tune' not in spec else ('fine-tuned ' if spec['fine_tune'] else 'frozen ')}"
-          "...", file=sys.stderr, flush=True)
+          f"{'K=' + str(spec['per_image']) + ' ' if 'per_image' in spec else ''}...", file=sys.stderr, flush=True)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps({"section": name, **spec})],
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
@@ -642,6 +656,10 @@ def targets(results):
         figures["beam 5 batched / one at a time"] = (beam5["speedup_over_single"], ">= 10", lambda x: x >= 10)
     if "ablation" in results:
         figures["decoder precompute speed-up"] = (results["ablation"]["speedup"], ">= 4", lambda x: x >= 4)
+    for setting, wanted in (("frozen", 3.0), ("fine-tuned", 3.5)):
+        if "grouped" in results:
+            figures[f"{GROUPED_PER_IMAGE} captions per image per step / 1, {setting} encoder"] = (
+                results["grouped_speedup"][setting], f">= {wanted}", lambda x, wanted=wanted: x >= wanted)
     return {name: {"measured": value, "wanted": wanted, "met": bool(ok(value))}
             for name, (value, wanted, ok) in figures.items()}
 
@@ -656,19 +674,39 @@ def packing_table(p):
             f"{p['mean_abs_pixel_difference']:.2f} |"]
 
 
-def training_table(training):
-    lines = ["| Training, batch 32, ResNet-101 14x14, 512/512/512 | captions/s | data | encoder fwd "
+def training_table(training, title="Training, batch 32", show_grouping=False):
+    lines = [f"| {title}, ResNet-101 14x14, 512/512/512 | captions/s | data | encoder fwd "
              "| decoder fwd+bwd | encoder bwd | optimiser (+ grad checks, clipping) | peak memory (MiB) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for t in training:
         s = t["median_seconds"]
         share = lambda k: f"{1000 * s[k]:.0f} ms ({100 * s[k] / s['step']:.0f}%)"  # noqa: E731
         setting = "fine-tuned encoder" if t["fine_tune"] else "frozen encoder"
-        lines.append(f"| {setting} (--workers {t['workers']}{', --amp ' + t['amp'] if t['amp'] != 'none' else ''}) "
+        grouping = f"K={t['per_image']}, " if show_grouping else ""
+        lines.append(f"| {setting} ({grouping}--workers {t['workers']}"
+                     f"{', --amp ' + t['amp'] if t['amp'] != 'none' else ''}) "
                      f"| {t['captions_per_s']:.1f} | {share('data')} | {share('encoder_forward')} "
                      f"| {share('decoder_forward_backward')} | {share('encoder_backward')} | {share('optimiser')} "
                      f"| {t['peak_memory_mib']:.0f} |")
     return lines
+
+
+def grouped_table(results):
+    """training_table at GROUPED_BATCH captions a step, K captions per image, and the speed-ups."""
+    lines = training_table(results["grouped"], f"Training, {GROUPED_BATCH} captions a step, K per image",
+                           show_grouping=True)
+    speedup = results["grouped_speedup"]
+    lines.append(f"| speed-up of K={GROUPED_PER_IMAGE} over K=1 in captions/s: frozen **{speedup['frozen']:.2f}x**, "
+                 f"fine-tuned **{speedup['fine-tuned']:.2f}x** | | | | | | | |")
+    return lines
+
+
+def grouped_speedups(grouped):
+    """captions/s with GROUPED_PER_IMAGE captions per image over 1, for the frozen and the fine-tuned encoder."""
+    def speed(fine_tune, per_image):
+        return next(t["captions_per_s"] for t in grouped if t["fine_tune"] == fine_tune and t["per_image"] == per_image)
+    return {name: speed(fine_tune, GROUPED_PER_IMAGE) / speed(fine_tune, 1)
+            for name, fine_tune in (("frozen", False), ("fine-tuned", True))}
 
 
 def decoding_table(decoding):
@@ -705,7 +743,7 @@ def ablation_table(a):
 
 
 TABLES = {"packing": packing_table, "training": training_table, "decoding": decoding_table,
-          "ablation": ablation_table}
+          "ablation": ablation_table, "grouped": grouped_table}
 
 
 def markdown(results):
@@ -723,8 +761,23 @@ def markdown(results):
              + "."]
     for name, table in TABLES.items():
         if name in results:
-            lines += [""] + table(results[name])
+            lines += [""] + (table(results) if name == "grouped" else table(results[name]))
     return "\n".join(lines)
+
+
+def run_training_sections(args, warmup_steps, repeats, common, tmp):
+    """The training and grouped sections that args.sections asks for, on the set packed in `tmp`."""
+    results = {}
+    spec = dict(**common, device=args.device, amp=args.amp, workers=2, repeats=repeats, warmup_steps=warmup_steps,
+                data_folder=str(tmp / "packed"), tmp=str(tmp / "run"))
+    if "training" in args.sections:
+        results["training"] = [run_section("training", **spec, fine_tune=fine_tune) for fine_tune in (False, True)]
+    if "grouped" in args.sections:  # each fine-tuning setting with K=1, then K=5, back to back
+        results["grouped"] = [
+            run_section("grouped", **spec, fine_tune=fine_tune, batch_size=GROUPED_BATCH, per_image=per_image)
+            for fine_tune in (False, True) for per_image in (1, GROUPED_PER_IMAGE)]
+        results["grouped_speedup"] = grouped_speedups(results["grouped"])
+    return results
 
 
 def main(argv=None):
@@ -747,19 +800,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         tmp = Path(tmp)
         (tmp / "jpegs").mkdir()
-        if {"packing", "training"} & set(args.sections):  # training packs the first train_images of them
+        if {"packing", "training", "grouped"} & set(args.sections):  # training packs the first train_images
             paths = make_jpegs(tmp / "jpegs",
                                sizes["pack_images"] if "packing" in args.sections else sizes["train_images"])
         if "packing" in args.sections:
             results["packing"] = run_section("packing", **common, paths=[str(p) for p in paths], workers=2,
                                              repeats=repeats)
-        if "training" in args.sections:
+        if {"training", "grouped"} & set(args.sections):
             pack_training_set(paths[:sizes["train_images"]], tmp / "packed")
-            results["training"] = [
-                run_section("training", **common, device=args.device, amp=args.amp, fine_tune=fine_tune,
-                            workers=2, repeats=repeats, warmup_steps=sizes["train_warmup_steps"],
-                            data_folder=str(tmp / "packed"), tmp=str(tmp / "run"))
-                for fine_tune in (False, True)]
+        results.update(run_training_sections(args, sizes["train_warmup_steps"], repeats, common, tmp))
     if "decoding" in args.sections:
         results["decoding"] = run_section("decoding", **common, device=args.device,
                                           steps=sizes["decode_steps"], single_images=sizes["single_images"],
@@ -771,7 +820,7 @@ def main(argv=None):
         results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = targets(results)
     results["markdown"] = markdown(results)
-    some_sections = "" if args.sections == list(SECTIONS) else "_" + "-".join(args.sections)
+    some_sections = "" if args.sections == list(DEFAULT_SECTIONS) else "_" + "-".join(args.sections)
     json_path = args.json or Path("runs") / (f"bench_{args.device}{'_' + args.amp if args.amp != 'none' else ''}"
                                              f"{'_quick' if args.quick else ''}{some_sections}"
                                              f"{'_default_malloc' if args.default_malloc else ''}.json")

@@ -2,6 +2,7 @@
 
     from datasets import CaptionDataset
     train = CaptionDataset("runs/demo/data", "train")   # one item per caption
+    grouped = CaptionDataset("runs/demo/data", "train", captions_per_item=5)  # an image and 5 of its captions
     test = CaptionDataset("runs/demo/data", "test")     # one item per image, all its captions
 """
 
@@ -72,18 +73,22 @@ class CaptionDataset(Dataset):
     """Images and captions of one packed split.
 
     Training iterates over captions, as the paper and the tutorial do: item i is caption i with its
-    image. Evaluation iterates over images, each with all its reference captions, so that one
-    encoder pass serves the teacher-forced loss on every reference and the decoded caption.
+    image. With `captions_per_item` K > 1 it iterates over groups of K captions of one image instead
+    (item i: captions i*K to i*K + K - 1, all of image i*K // C), so that a batch of them runs the
+    encoder once per image, as self-critical.pytorch's `seq_per_img` does; an epoch still holds
+    every caption once. Evaluation iterates over images, each with all its reference captions, so
+    that one encoder pass serves the teacher-forced loss on every reference and the decoded caption.
 
     Items:
         per caption: image (3, S, S) float normalised, caption (L,) long, length () long.
+        per group of K captions: image (3, S, S) float, captions (K, L) long, lengths (K,) long.
         per image: image (3, S, S) float, captions (C, L) long, lengths (C,) long, index () long.
 
     The HDF5 file is opened lazily, in whichever process reads first, so DataLoader workers each
     get their own handle (h5py handles do not survive being copied into another process).
     """
 
-    def __init__(self, data_folder, split, per_image=None):
+    def __init__(self, data_folder, split, per_image=None, captions_per_item=1):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.manifest = read_manifest(data_folder)
@@ -99,10 +104,15 @@ class CaptionDataset(Dataset):
         except (OSError, KeyError) as exc:
             raise UserError(f"{self.path}: cannot read the packed {split} split ({exc}); "
                             "run create_input_files.py again") from None
+        if self.captions_per_image % captions_per_item:
+            raise UserError(f"{self.path}: its images have {self.captions_per_image} captions each, which do not "
+                            f"split into groups of {captions_per_item}; pass a --captions-per-image-per-step that "
+                            f"divides {self.captions_per_image}")
+        self.captions_per_item = captions_per_item
         self._file = None
 
     def __len__(self):
-        return self.num_images if self.per_image else len(self.captions)
+        return self.num_images if self.per_image else len(self.captions) // self.captions_per_item
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -116,7 +126,10 @@ class CaptionDataset(Dataset):
         return normalize_images(torch.from_numpy(self._file["images"][index]))
 
     def __getitem__(self, i):
-        if not self.per_image:
+        if not self.per_image and self.captions_per_item == 1:
             return self._image(i // self.captions_per_image), self.captions[i], self.lengths[i]
+        if not self.per_image:
+            rows = slice(i * self.captions_per_item, (i + 1) * self.captions_per_item)
+            return self._image(rows.start // self.captions_per_image), self.captions[rows], self.lengths[rows]
         rows = slice(i * self.captions_per_image, (i + 1) * self.captions_per_image)
         return self._image(i), self.captions[rows], self.lengths[rows], torch.tensor(i)

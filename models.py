@@ -225,19 +225,38 @@ class DecoderWithAttention(nn.Module):
         h, c = self.lstm(torch.cat([embeddings, gated_context], dim=1), (h, c))  # (B*K, D) each
         return h, c, alpha
 
-    def forward(self, encoder_out, captions, caption_lengths):
+    def _features_per_caption(self, encoder_out, order, image_index):
+        """The features and their attention projection for each caption, in length-sorted `order`.
+
+        Eq. 4's term of the features does not depend on the step: it is projected once per batch,
+        not per step, and with `image_index` once per image, not per caption. Either way each
+        caption then gets its own rows (a row copy, not indexing per element), which the step loop
+        slices as captions end.
+        Returns encoder_out (B, P, E) and encoder_proj (B, P, A), row b for the b-th sorted caption.
+        """
+        if image_index is None:
+            encoder_out = encoder_out.index_select(0, order)  # (B, P, E)
+            return encoder_out, self.project_encoder(encoder_out)  # (B, P, E), (B, P, A)
+        rows = image_index[order]  # (B,) the image of each sorted caption
+        encoder_proj = self.project_encoder(encoder_out)  # (n, P, A): once per image
+        return encoder_out.index_select(0, rows), encoder_proj.index_select(0, rows)  # (B, P, E), (B, P, A)
+
+    def forward(self, encoder_out, captions, caption_lengths, image_index=None):
         """Teacher-forced decoding.
 
         Args:
-            encoder_out: (B, P, E) float.
+            encoder_out: (B, P, E) float; with `image_index`, (n, P, E) for n images.
             captions: (B, L) long, `<start> w1 ... wn <end> <pad>...`.
             caption_lengths: (B,) long, tokens including `<start>` and `<end>`.
+            image_index: optional (B,) long, the row of encoder_out that caption b describes, so that
+                the K captions of an image share its one encoder pass and attention projection;
+                None: caption b describes row b.
         Returns:
             scores (B, T, V) float for predicting captions[:, 1:T+1] with T = max(decode_lengths)
             (zero at padded steps), alphas (B, T, P) float (zero at padded steps), and
             decode_lengths (B,) long = caption_lengths - 1. Rows stay in the input order.
         """
-        batch_size, num_pixels, _ = encoder_out.shape
+        batch_size, num_pixels = captions.shape[0], encoder_out.shape[1]
         decode_lengths = caption_lengths - 1  # (B,)
         max_steps = int(decode_lengths.max())
 
@@ -246,10 +265,8 @@ class DecoderWithAttention(nn.Module):
         steps = torch.arange(max_steps, device=decode_lengths.device)  # (T,)
         real = steps < decode_lengths_sorted.unsqueeze(1)  # (B, T), False at padded steps
         batch_size_per_step = real.sum(0).tolist()  # T ints, read once rather than at every step
-        encoder_out = encoder_out.index_select(0, order)  # (B, P, E); a row copy, not indexing per element
         embeddings = self.embedding(captions[order, :max_steps])  # (B, T, M)
-        # Eq. 4's term of the features does not depend on the step: projected once per batch, not per step.
-        encoder_proj = self.project_encoder(encoder_out)  # (B, P, A)
+        encoder_out, encoder_proj = self._features_per_caption(encoder_out, order, image_index)
         h, c = self.init_hidden_state(encoder_out)  # (B, D) each
 
         hiddens = encoder_out.new_zeros(batch_size, max_steps, h.shape[1])  # (B, T, D)

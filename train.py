@@ -45,9 +45,12 @@ def parse_args(argv=None):
     add_optimisation_flags(parser.add_argument_group("optimisation"))
     add_system_flags(parser.add_argument_group("system"))
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "encoded_size", "val_beam_size"):
+    for name in ("epochs", "batch_size", "encoded_size", "val_beam_size", "captions_per_image_per_step"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.batch_size % args.captions_per_image_per_step:
+        parser.error(f"--batch-size {args.batch_size} is not a multiple of --captions-per-image-per-step "
+                     f"{args.captions_per_image_per_step}: a step holds whole groups of an image's captions")
     return args
 
 
@@ -86,6 +89,11 @@ def add_optimisation_flags(opt):
     opt.add_argument("--batch-size", type=int, default=32,
                      help="captions per step per process: under torchrun the global batch is "
                           "this times the number of processes (default 32)")
+    opt.add_argument("--captions-per-image-per-step", type=int, default=1, metavar="K",
+                     help="a step holds --batch-size / K images and K captions of each, and runs the "
+                          "encoder once per image, not once per caption; an epoch still trains every caption "
+                          "once. K must divide --batch-size and the captions packed per image (5 by default), "
+                          "else train.py refuses. Default 1: captions drawn one by one, as the paper does")
     opt.add_argument("--decoder-lr", type=float, default=4e-4, help="Adam learning rate, decoder (4e-4)")
     opt.add_argument("--encoder-lr", type=float, default=1e-4,
                      help="Adam learning rate, encoder, when fine-tuned (1e-4)")
@@ -280,11 +288,21 @@ def check_resume_compatible(state, args, path):
                         + "; ".join(differing) + ". Pass the checkpoint's values or start a new run")
 
 
+def check_resume_grouping(state, args, path):
+    """Refuse to resume mid-epoch with another --captions-per-image-per-step: the rest of the epoch
+    would be another order of captions, and some would be trained twice and others never."""
+    saved = state["args"].get("captions_per_image_per_step", 1)
+    if state["samples_done"] and saved != args.captions_per_image_per_step:
+        raise UserError(f"{path}: stopped mid-epoch with --captions-per-image-per-step {saved}, not "
+                        f"{args.captions_per_image_per_step}; resume with {saved}")
+
+
 def read_resume_checkpoint(path, args, word_map):
     """The checkpoint --resume names, checked against this run's arguments and word map. How the
     encoder was initialised belongs to the run, not to this invocation: args takes it from there."""
     state = load_checkpoint(path)
     check_resume_compatible(state, args, path)
+    check_resume_grouping(state, args, path)
     if state["word_map"] != word_map:
         raise UserError(f"{path}: its word map differs from {args.data_folder}'s; "
                         "resume on the data folder the run started with")
@@ -360,15 +378,16 @@ class TrainingDiverged(UserError):
                    f"{keeps}{hint}")
 
 
-def train_step(run, images, captions, lengths, step, stop):
-    """One teacher-forced optimisation step. Returns (loss, real-word scores (N, V) and targets (N,),
-    whether any process was asked to stop). Raises TrainingDiverged instead of applying an update
-    that is not finite."""
+def train_step(run, images, captions, lengths, step, stop, image_index=None):
+    """One teacher-forced optimisation step on images (n, 3, S, S) and captions (B, L), lengths (B,);
+    `image_index` (B,) names each caption's image when an image has several (see `caption_rows`).
+    Returns (loss, real-word scores (N, V) and targets (N,), whether any process was asked to stop).
+    Raises TrainingDiverged instead of applying an update that is not finite."""
     args, optimizers = run.args, run.active_optimizers()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     with autocast(run.device, args.amp):
-        scores, alphas, decode_lengths = run.decoder(run.encoder(images), captions, lengths)
+        scores, alphas, decode_lengths = run.decoder(run.encoder(images), captions, lengths, image_index)
         loss, real_scores, real_targets = caption_loss(scores, captions, decode_lengths, alphas, args.alpha_c)
     run.scaler.scale(loss).backward()
     for opt in optimizers:
@@ -399,6 +418,20 @@ def train_step(run, images, captions, lengths, step, stop):
     return loss, real_scores, real_targets, bool(stop_flag)
 
 
+def caption_rows(images, captions, lengths):
+    """A training batch as the decoder takes it: one row per caption, and the image of each.
+
+    A batch of groups, n images with K captions each (n, K, L) and (n, K), becomes n*K rows
+    (n*K, L) and (n*K,), the K of an image consecutive, with image_index (n*K,) long; a batch of
+    one caption per image, (B, L) and (B,), stays as it is, with image_index None.
+    """
+    if captions.dim() == 2:
+        return captions, lengths, None
+    groups, per_image, length = captions.shape
+    image_index = torch.arange(groups, device=images.device).repeat_interleave(per_image)  # (n*K,)
+    return captions.view(groups * per_image, length), lengths.view(-1), image_index  # (n*K, L), (n*K,)
+
+
 def train_one_epoch(run, loader, stop, show_progress=True, on_step=None):
     """Teacher-forced training over `loader` (the rest of the epoch, when resumed mid-epoch).
 
@@ -418,9 +451,11 @@ def train_one_epoch(run, loader, stop, show_progress=True, on_step=None):
         images = images.to(run.device, non_blocking=True)
         captions = captions.to(run.device, non_blocking=True)
         lengths = lengths.to(run.device, non_blocking=True)
-        loss, real_scores, real_targets, stopped = train_step(run, images, captions, lengths, step, stop)
+        captions, lengths, image_index = caption_rows(images, captions, lengths)
+        loss, real_scores, real_targets, stopped = train_step(run, images, captions, lengths, step, stop,
+                                                              image_index)
 
-        progress.samples_done += images.shape[0] * run.world_size
+        progress.samples_done += captions.shape[0] * run.world_size
         words = real_targets.numel()
         unsynced.update(loss=loss.item() * words, top5=top5_correct(real_scores, real_targets), words=words)
         shown = {k: progress.epoch_sums[k] + unsynced[k] for k in EPOCH_SUMS}  # this process's view
@@ -508,11 +543,13 @@ def fit(run, train_set, val_loader, loader_options, stop):
             decay_learning_rates(run.active_optimizers(), args.lr_decay_factor)
 
         # Train. Resumed mid-epoch, skip the samples this epoch already trained on (every process
-        # has trained as many: DistributedSampler pads the shards to equal length).
+        # has trained as many: DistributedSampler pads the shards to equal length). An item, and a
+        # sampler index, holds --captions-per-image-per-step captions of one image: shuffling and
+        # sharding go by group, so every caption of a group goes to the same step on one process.
         sampler.set_epoch(progress.epoch)
-        skip = progress.samples_done // run.world_size
-        train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=list(sampler)[skip:],
-                                  **loader_options)
+        skip = progress.samples_done // run.world_size // train_set.captions_per_item
+        train_loader = DataLoader(train_set, batch_size=args.batch_size // train_set.captions_per_item,
+                                  sampler=list(sampler)[skip:], **loader_options)
         started = time.time()
         stopped = train_one_epoch(run, train_loader, stop, show_progress=run.is_main)
         if stopped:
@@ -584,7 +621,8 @@ def train(args, rank, world_size, device):
         torch.backends.cudnn.benchmark = True  # fixed image size: let cuDNN pick the fastest kernels
 
     word_map = read_word_map(args.data_folder)
-    train_set, val_set = CaptionDataset(args.data_folder, "train"), CaptionDataset(args.data_folder, "val")
+    train_set = CaptionDataset(args.data_folder, "train", captions_per_item=args.captions_per_image_per_step)
+    val_set = CaptionDataset(args.data_folder, "val")
     if len(val_set) < world_size:  # a process with nothing to validate would leave the others waiting
         raise UserError(f"{args.data_folder}: the val split has {len(val_set)} images, fewer than the "
                         f"{world_size} processes; each process needs at least one")

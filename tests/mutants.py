@@ -110,6 +110,18 @@ MUTATIONS = [
              TRAINING_RULES),
     Mutation("training: gradients never zeroed between steps", "train.py",
              "        opt.zero_grad(set_to_none=True)\n", "        pass\n", RESUME),
+    # ---- steps grouped by image (--captions-per-image-per-step)
+    Mutation("grouped: captions paired with the wrong images of their step", "train.py",
+             "torch.arange(groups, device=images.device).repeat_interleave(per_image)",
+             "torch.arange(groups, device=images.device).repeat(per_image)", ("tests/test_grouped.py",)),
+    Mutation("grouped: each caption given the features of its row before the length sort", "models.py",
+             "rows = image_index[order]", "rows = image_index", ("tests/test_grouped.py",)),
+    Mutation("grouped: an item's captions paired with the image of its index", "datasets.py",
+             "self._image(rows.start // self.captions_per_image)", "self._image(i // self.captions_per_image)",
+             ("tests/test_grouped.py",)),
+    Mutation("grouped: mid-epoch resume skips as many groups as captions were done", "train.py",
+             "skip = progress.samples_done // run.world_size // train_set.captions_per_item",
+             "skip = progress.samples_done // run.world_size", ("tests/test_robustness.py", "-k", "grouped_steps")),
     # ---- resume
     Mutation("resume: random state not restored", "train.py",
              '        set_rng_state(state["rng"])\n', "        pass\n", RESUME),

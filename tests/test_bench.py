@@ -25,7 +25,15 @@ def test_calibrated_random_encoder_keeps_its_activations_small_and_stays_frozen(
 
 def test_sections_flag_takes_known_names_only(capsys):
     assert bench.parse_args(["--sections", "decoding,ablation"]).sections == ["decoding", "ablation"]
-    assert bench.parse_args([]).sections == list(bench.SECTIONS)
+    assert bench.parse_args([]).sections == list(bench.DEFAULT_SECTIONS)
     with pytest.raises(SystemExit):
         bench.parse_args(["--sections", "decoding,speed"])
     assert "unknown speed" in capsys.readouterr().err
+
+
+def test_grouped_speedups_compare_k5_with_k1_in_each_setting():
+    def run(fine_tune, per_image, captions_per_s):
+        return {"fine_tune": fine_tune, "per_image": per_image, "captions_per_s": captions_per_s}
+    grouped = [run(False, 1, 5.0), run(False, 5, 15.0), run(True, 1, 2.0), run(True, 5, 7.0)]
+    assert bench.grouped_speedups(grouped) == {"frozen": 3.0, "fine-tuned": 3.5}
+    assert bench.parse_args(["--sections", "grouped"]).sections == ["grouped"]

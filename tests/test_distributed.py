@@ -195,10 +195,14 @@ def test_checkpoint_resumes_on_one_process_and_eval_loads_it(ddp_run, tiny_data,
     assert metrics["bleu4"] == pytest.approx(history[best_epoch]["val_decoded_bleu4"], rel=1e-9)
 
 
-def test_signal_on_one_of_two_nodes_stops_both_and_resumes_on_one_process(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("per_image,batch", [(1, 16), (5, 10)])
+def test_signal_on_one_of_two_nodes_stops_both_and_resumes_on_one_process(tiny_data, tmp_path, monkeypatch,
+                                                                          per_image, batch):
     # The multi-node form on localhost: two launchers, one process each, meeting at a c10d rendezvous.
+    # With 5 captions per image per step, each step holds 2 images and their 5 captions each.
     out, dump, port = tmp_path / "run", tmp_path / "dump", free_port()
-    train_args = ["--data-folder", str(tiny_data), "--output-dir", str(out), "--epochs", "2", *FROZEN]
+    train_args = ["--data-folder", str(tiny_data), "--output-dir", str(out), "--epochs", "2", *FROZEN,
+                  "--batch-size", str(batch), "--captions-per-image-per-step", str(per_image)]
     wait_all([launch(["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
                       f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=ddp-test"],
                      ["--dump", str(dump), "--signal-rank", "1", "--signal-step", "2"], train_args,
@@ -207,15 +211,16 @@ def test_signal_on_one_of_two_nodes_stops_both_and_resumes_on_one_process(tiny_d
     dumps = read_dumps(dump)
 
     # Rank 1 got SIGTERM during step 2; both processes stopped after step 3, with the same weights,
-    # and rank 0 saved them mid-epoch: 4 steps x 16 captions x 2 processes.
+    # and rank 0 saved them mid-epoch: 4 steps x `batch` captions x 2 processes.
     assert [d["exit_code"] for d in dumps] == [128 + signal.SIGTERM] * 2
     assert_same_state(dumps[0]["state"], dumps[1]["state"])
     assert sorted(os.listdir(out)) == ["args.json", "last.pt"] and dumps[1]["writes"] == []
     assert_same_state(checkpoint_state(out / "last.pt"), dumps[0]["state"])
     state = torch.load(out / "last.pt", weights_only=True)
-    assert state["epoch"] == 0 and state["samples_done"] == 4 * 16 * 2
+    assert state["epoch"] == 0 and state["samples_done"] == 4 * batch * 2
 
     # Resume on one process: it trains exactly on the captions the two processes had not reached.
+    # Sampler indices are items: captions, or with 5 per image, images, which the shards split.
     samplers = []
 
     def recording_loader(dataset, **kwargs):
@@ -226,12 +231,12 @@ def test_signal_on_one_of_two_nodes_stops_both_and_resumes_on_one_process(tiny_d
     monkeypatch.setattr(train, "DataLoader", recording_loader)
     history = train.main([*train_args, "--epochs", "1", "--resume", str(out / "last.pt")])
     assert len(history) == 1 and torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
-    train_set = CaptionDataset(tiny_data, "train")
+    train_set = CaptionDataset(tiny_data, "train", captions_per_item=per_image)
     done = []
     for rank in (0, 1):
         sampler = DistributedSampler(train_set, num_replicas=2, rank=rank, shuffle=True, seed=0)
         sampler.set_epoch(0)
-        done += list(sampler)[:4 * 16]
+        done += list(sampler)[:4 * batch // per_image]
     assert sorted(done + samplers[0]) == list(range(len(train_set)))
 
 

@@ -465,6 +465,42 @@ def test_sigint_and_sigterm_save_a_checkpoint_before_exiting(data, tmp_path, sig
     assert state["epoch"] < 3
 
 
+def sigterm_at_training_step(monkeypatch, step):
+    """This process sends itself SIGTERM during training step `step` (counted from 0 over the run),
+    after the step's stop flags were read: train.py stops after the next step, as with a real signal."""
+    calls, top5_correct = [0], train.top5_correct
+
+    def top5_then_signal(*args):
+        calls[0] += 1
+        if calls[0] == step + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return top5_correct(*args)
+
+    monkeypatch.setattr(train, "top5_correct", top5_then_signal)
+
+
+def test_grouped_steps_stop_on_sigterm_mid_epoch_and_resume_exactly(data, tmp_path, monkeypatch):
+    # 32 train images x 5 captions in steps of 2 images x 5 captions: 16 steps an epoch.
+    grouped = ["--captions-per-image-per-step", "5"]
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        sigterm_at_training_step(patch, 2)
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(train_argv(data, stopped, *grouped, batch=10))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    state = checkpoints.load_checkpoint(stopped / "last.pt")
+    assert state["epoch"] == 0 and state["samples_done"] == 4 * 10  # stopped after step 3, mid-epoch
+
+    # Another grouping would train another order of captions for the rest of the epoch: refused.
+    message = run_script(train, train_argv(data, stopped, "--resume", stopped / "last.pt", batch=10), "train.py")
+    assert_one_line_error(message, "train.py", stopped / "last.pt", "--captions-per-image-per-step 5")
+
+    train.main(train_argv(data, stopped, *grouped, "--resume", stopped / "last.pt", batch=10))
+    train.main(train_argv(data, tmp_path / "straight", *grouped, batch=10))
+    assert checkpoints.load_checkpoint(stopped / "last.pt")["epoch"] == 1
+    assert_same_weights(tmp_path / "straight" / "last.pt", stopped / "last.pt")
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     checkpoints.save_checkpoint(path, {"format_version": 1, "weights": torch.ones(3)})
@@ -556,6 +592,16 @@ def test_inf_or_nan_gradient_stops_instead_of_being_clipped_into_the_weights(dat
     message = run_script(train, train_argv(data, out, "--save-every", "1"), "train.py")
     assert_one_line_error(message, "train.py", "gradient", "epoch 0, step 2", out / "last.pt")
     assert checkpoints.load_checkpoint(out / "last.pt")["samples_done"] == 2 * 16
+    assert_finite_checkpoint(out / "last.pt")
+
+
+def test_a_nan_loss_in_a_grouped_step_stops_before_the_update(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    poison_training_loss(monkeypatch, lambda loss: loss * float("nan"), 3)  # epoch 0, step 2
+    message = run_script(train, train_argv(data, out, "--save-every", "1", "--captions-per-image-per-step", "5",
+                                           batch=10), "train.py")
+    assert_one_line_error(message, "train.py", "epoch 0, step 2", out / "last.pt", "nan")
+    assert checkpoints.load_checkpoint(out / "last.pt")["samples_done"] == 2 * 10
     assert_finite_checkpoint(out / "last.pt")
 
 
