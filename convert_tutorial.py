@@ -1,4 +1,4 @@
-"""Bring a model and data from sgrvinod's a-PyTorch-Tutorial-to-Image-Captioning over to this code.
+r"""Bring a model and data from sgrvinod's a-PyTorch-Tutorial-to-Image-Captioning over to this code.
 
     python convert_tutorial.py data --tutorial-folder "caption data" --output-folder data/coco_packed
     python convert_tutorial.py checkpoint \

@@ -12,7 +12,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import caption
 import convert_tutorial
 import eval as evaluate_script
 import train
@@ -74,7 +76,7 @@ def converted(tutorial_folder, tmp_path_factory):
 # Checkpoints
 
 
-def test_eval_on_converted_files_captions_as_the_original_weights_do(converted, tutorial_folder, tmp_path):
+def test_eval_and_caption_py_on_converted_files_caption_as_the_original_weights_do(converted, tutorial_folder, tmp_path):
     out = tmp_path / "eval"
     evaluate_script.main(["--checkpoint", str(converted["checkpoint"]), "--data-folder", str(converted["data"]),
                           "--split", "test", "--beam-size", "3", "--max-steps", "12", "--output-dir", str(out),
@@ -86,13 +88,21 @@ def test_eval_on_converted_files_captions_as_the_original_weights_do(converted, 
     word_map = tutorial_word_map(WORDS)
     words = {i: w for w, i in word_map.items()}
     with h5py.File(tutorial_folder / "TEST_IMAGES_coco_5_cap_per_img_5_min_word_freq.hdf5") as f:
-        images = normalize_images(torch.from_numpy(f["images"][:]))
+        pixels = f["images"][:]
+    images = normalize_images(torch.from_numpy(pixels))
     with torch.no_grad():
         tokens = decoder.beam_search(encoder(images), word_map["<start>"], word_map["<end>"], beam_size=3,
                                      max_steps=12)
     direct = [" ".join(decode_tokens(t, words)) for t in tokens]
     assert len(set(direct)) > 1, "every image got the same caption: the comparison would not see images mixed up"
     assert from_eval == direct
+
+    # caption.py on one of those images, saved as a file (at the packed size, so not resampled).
+    Image.fromarray(pixels[2].transpose(1, 2, 0)).save(tmp_path / "photo.png")
+    [(_, caption_words)] = caption.main(["--img", str(tmp_path / "photo.png"), "--checkpoint",
+                                        str(converted["checkpoint"]), "--beam-size", "3", "--max-steps", "12",
+                                        "--device", "cpu"])
+    assert " ".join(caption_words) == direct[2]
 
 
 def test_weights_and_training_state_carry_over(converted):
