@@ -316,7 +316,9 @@ def convert_checkpoint(path, word_map, image_size):
     tutorial_names = {name: {id(t): our_name for t, our_name in zip(tensors[name].values(), ours[name])}
                       for name in ("encoder", "decoder")}
     optimizers, notes = optimizer_states(checkpoint, encoder, decoder, tutorial_names, args)
-    epoch = checkpoint.get("epoch")
+    # Only numbers are kept from the rest: the checkpoint written must hold plain types alone.
+    epoch, since, bleu4 = (checkpoint.get(k) if isinstance(checkpoint.get(k), (int, float)) else None
+                           for k in ("epoch", "epochs_since_improvement", "bleu-4"))
     state = {
         "format_version": CHECKPOINT_VERSION, "encoder": encoder.state_dict(), "decoder": decoder.state_dict(),
         "decoder_optimizer": optimizers["decoder"], "encoder_optimizer": optimizers["encoder"], "scaler": None,
@@ -329,8 +331,7 @@ def convert_checkpoint(path, word_map, image_size):
         "rng": {"torch": torch.Generator().manual_seed(args["seed"]).get_state(),
                 "python": random.Random(args["seed"]).getstate()},
         "converted_from": {"checkpoint": str(Path(path).resolve()), "epoch": epoch,
-                           "epochs_since_improvement": checkpoint.get("epochs_since_improvement"),
-                           "teacher_forced_bleu4": checkpoint.get("bleu-4")},
+                           "epochs_since_improvement": since, "teacher_forced_bleu4": bleu4},
     }
     return state, notes
 
