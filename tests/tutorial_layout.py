@@ -8,6 +8,7 @@ times convert_tutorial.py's data conversion on a generated folder of that many 2
 """
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -211,6 +212,7 @@ def measure(argv=None):
             convert_tutorial.convert_data(Path(tmp) / "tutorial", Path(tmp) / f"out{run}",
                                           chunk_images=args.chunk_images)
             seconds.append(time.perf_counter() - started)
+            shutil.rmtree(Path(tmp) / f"out{run}")  # each run writes into an empty folder
         gigabytes = args.images * 3 * 256 * 256 / 1e9
     median = statistics.median(seconds)
     print(f"converted {args.images} images ({gigabytes:.2f} GB) in {', '.join(f'{s:.2f}' for s in seconds)} s: "
