@@ -58,10 +58,14 @@ def parse_args(argv=None):
     model.add_argument("--data-folder", type=Path, default=None,
                        help="packed dataset the checkpoint was trained on: its test images become the examples "
                             "and its object boxes are drawn (default: none)")
-    model.add_argument("--beam-size", type=int, default=3, help="the page's starting beam size (default 3, as caption.py)")
-    model.add_argument("--max-beam-size", type=int, default=10, help="largest beam size the page offers (default 10)")
-    model.add_argument("--max-steps", type=int, default=50, help="most words per caption (default 50, as caption.py)")
-    model.add_argument("--examples", type=int, default=4, help="how many test images to offer as examples (default 4)")
+    model.add_argument("--beam-size", type=int, default=3,
+                       help="the page's starting beam size (default 3, as caption.py)")
+    model.add_argument("--max-beam-size", type=int, default=10,
+                       help="largest beam size the page offers (default 10)")
+    model.add_argument("--max-steps", type=int, default=50,
+                       help="most words per caption (default 50, as caption.py)")
+    model.add_argument("--examples", type=int, default=4,
+                       help="how many test images to offer as examples (default 4)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for the network)")
@@ -93,6 +97,7 @@ class Result:
 
     @property
     def caption(self):
+        """The caption as one line."""
         return " ".join(self.words)
 
 
