@@ -43,10 +43,12 @@ def parse_args(argv=None):
                         help="its packed dataset: the test images sent (default runs/demo/data)")
     parser.add_argument("--requests", type=int, default=200, help="requests measured after the warm-up (default 200)")
     parser.add_argument("--warmup", type=int, default=20, help="requests sent before the first reading (default 20)")
+    parser.add_argument("--reading-every", type=int, default=50,
+                        help="read the server's RSS after every this many measured requests (default 50)")
     parser.add_argument("--users", type=int, default=4, help="users sending requests at once (default 4)")
     parser.add_argument("--beam-size", type=int, default=3, help="beam size of every request (default 3)")
     args = parser.parse_args(argv)
-    if min(args.requests, args.users, args.beam_size) < 1 or args.warmup < 0:
+    if min(args.requests, args.users, args.beam_size, args.reading_every) < 1 or args.warmup < 0:
         parser.error("--requests, --users and --beam-size must be at least 1, --warmup at least 0")
     return args
 
@@ -143,12 +145,18 @@ def main(argv=None):
             start_rss = rss_mib(process.pid)[0]
             send(address, images, args.warmup, 0, args.users, args.beam_size, expected, "warm-up")
             before = rss_mib(process.pid)
-            seconds, wrong = send(address, images, args.requests, args.warmup, args.users, args.beam_size,
-                                  expected, "measured")
+            seconds, wrong, readings = [], [], []
+            for done in range(0, args.requests, args.reading_every):
+                count = min(args.reading_every, args.requests - done)
+                chunk_seconds, chunk_wrong = send(address, images, count, args.warmup + done, args.users,
+                                                  args.beam_size, expected, f"requests {done + 1}-{done + count}")
+                seconds, wrong = seconds + chunk_seconds, wrong + chunk_wrong
+                readings.append(f"{rss_mib(process.pid)[0]:.0f}")
             after = rss_mib(process.pid)
     print(f"server RSS: {start_rss:.0f} MiB at start, {before[0]:.0f} MiB after {args.warmup} warm-up requests, "
           f"{after[0]:.0f} MiB after {args.requests} more ({after[0] - before[0]:+.0f} MiB); "
           f"peak {after[1]:.0f} MiB")
+    print(f"RSS after every {args.reading_every} measured requests (MiB): {', '.join(readings)}")
     print(f"{args.requests} requests from {args.users} users at once: median {statistics.median(seconds):.2f} s "
           f"each (caption + one word, the figure every tenth); wrong captions: {len(wrong)}")
     if wrong:
