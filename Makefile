@@ -17,7 +17,7 @@ DEMO_OPTIM ?= --epochs 6 --batch-size 32 --encoder-lr 1e-3 --decoder-lr 1e-3 --l
 DEMO_WORKERS ?= 1
 DEMO_BEAM ?= 3
 
-.PHONY: demo test mutants install clean-demo
+.PHONY: demo test mutants install clean-demo app app-install
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,17 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
+
+# The web page's extra requirements (Gradio; Playwright for its browser test), kept out of `make demo`.
+app-install: $(VENV)/.app-installed
+
+$(VENV)/.app-installed: $(VENV)/.installed requirements-app.txt
+	$(PY) -m pip install --quiet -r requirements-app.txt
+	touch $@
+
+# The web page for the demo model (after `make demo`): open the address it prints.
+app: $(VENV)/.app-installed
+	$(PY) app.py --checkpoint $(DEMO_DIR)/train/best.pt --data-folder $(DEMO_DIR)/data
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

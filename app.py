@@ -1,0 +1,329 @@
+"""A web page that captions your own photo and shows where the model looked for each word.
+
+    .venv/bin/pip install -r requirements-app.txt   # once: Gradio, for the page only
+    python app.py --checkpoint runs/demo/train/best.pt --data-folder runs/demo/data
+    python app.py --checkpoint runs/coco/best.pt --port 8080 --beam-size 5
+
+Open the address it prints, drop an image on the page (or pick an example), and click the words of
+the caption to see each one's attention over the image. The caption comes from caption.py's own
+`caption_image`, so it is the one `python caption.py --img FILE --beam-size N` prints, character for
+character, and the figure offered for download is the one `caption.py --out` writes. With
+--data-folder, the examples are that dataset's test images, and an image of the dataset that has
+object annotations (the shapes set) gets its boxes drawn, whether picked or uploaded.
+
+The page works offline: Gradio serves its own bundled front end (no CDN, fonts included), and
+telemetry, update checks and the monitoring endpoint are turned off.
+"""
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from caption import attention_figure, caption_image, known_objects
+from checkpoints import check_word_maps_match, models_from_checkpoint
+from datasets import meta_file
+from utils import UserError, read_json, resolve_device, run_main
+
+# Set before Gradio is imported, since it reads them then: no usage reports, no version check against
+# its servers, no Hugging Face Hub calls, no server-side rendering (which would need Node).
+OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "GRADIO_SSR_MODE": "False", "DO_NOT_TRACK": "1"}
+APP_REQUIREMENTS = "requirements-app.txt"
+DISPLAY_SIDE = 384  # pixels a side of the attention view: a 64x64 demo image is too small to read
+SMALL_IMAGE_SIDE = 16  # below this many pixels a side, the caption says little; the page says so
+FIGURE_MAX_AGE_S = 3600  # figures offered for download are deleted after an hour
+
+
+def parse_args(argv=None):
+    """Command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", type=Path, default=Path("runs/demo/train/best.pt"),
+                       help="a checkpoint written by train.py (default runs/demo/train/best.pt, from make demo)")
+    model.add_argument("--data-folder", type=Path, default=None,
+                       help="packed dataset the checkpoint was trained on: its test images become the examples "
+                            "and its object boxes are drawn (default: none)")
+    model.add_argument("--beam-size", type=int, default=3,
+                       help="the page's starting beam size (default 3, as caption.py)")
+    model.add_argument("--max-beam-size", type=int, default=10,
+                       help="largest beam size the page offers (default 10)")
+    model.add_argument("--max-steps", type=int, default=50,
+                       help="most words per caption (default 50, as caption.py)")
+    model.add_argument("--examples", type=int, default=4,
+                       help="how many test images to offer as examples (default 4)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for the network)")
+    server.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    server.add_argument("--concurrency", type=int, default=2,
+                        help="requests captioned at once; more wait in a queue (default 2)")
+    server.add_argument("--max-file-mb", type=int, default=50, help="largest upload accepted, in MB (default 50)")
+    server.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    args = parser.parse_args(argv)
+    if not 1 <= args.beam_size <= args.max_beam_size or args.max_steps < 1:
+        parser.error("--beam-size must be between 1 and --max-beam-size, and --max-steps at least 1")
+    if args.examples < 0 or args.concurrency < 1 or args.max_file_mb < 1:
+        parser.error("--examples must be at least 0, --concurrency and --max-file-mb at least 1")
+    return args
+
+# ----------------------------------------------------------------------------------------------
+# Captioning, without Gradio: what the page shows, computed by caption.py's functions
+
+
+@dataclass
+class Result:
+    """One captioned image: what the page shows and the figure is drawn from."""
+    name: str  # the uploaded file's name, for the figure's name and the messages
+    words: list  # the caption, as caption.py prints it: " ".join(words)
+    alphas: torch.Tensor  # (len(words), P) attention of each word
+    pixels: np.ndarray  # (3, S, S) uint8: the image as the model saw it
+    objects: list  # the dataset's object boxes for this image, or []
+    note: str = ""  # something the user should know about the input (a tiny image)
+
+    @property
+    def caption(self):
+        """The caption as one line."""
+        return " ".join(self.words)
+
+
+def file_digest(path):
+    """SHA-256 of a file's bytes: how an upload is recognised as one of the dataset's images."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def objects_by_digest(data_folder):
+    """{file digest: object boxes} for the packed dataset's images that have annotations.
+
+    caption.known_objects keys them by path, but an upload arrives as a copy under another name.
+    """
+    by_path = known_objects(data_folder)
+    return {file_digest(path): objects for path, objects in tqdm(by_path.items(), desc="indexing object boxes",
+                                                                 file=sys.stderr, disable=not by_path)
+            if Path(path).is_file()}
+
+
+def example_images(data_folder, count):
+    """The first `count` test images of a packed dataset that are still on disk."""
+    meta = read_json(meta_file(data_folder, "test"), "test split metadata from create_input_files.py")
+    files = [Path(image["file"]) for image in meta["images"]]
+    return [str(path.resolve()) for path in files if path.is_file()][:count]
+
+
+def image_side_note(path):
+    """A warning for images too small to caption well, or "" (unreadable files are caption_image's to report)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's decompression-bomb warning: a huge photo is fine here
+            with Image.open(path) as image:
+                width, height = image.size
+    except Exception:
+        return ""
+    if min(width, height) < SMALL_IMAGE_SIDE:
+        return (f"The image is only {width}x{height} pixels; it was stretched to the model's input size, "
+                "so the caption says little about it.")
+    return ""
+
+
+class Captioner:
+    """The model loaded once, shared by every request; each request's results are its own."""
+
+    def __init__(self, checkpoint, device, max_steps=50, data_folder=None):
+        self.device = device
+        self.max_steps = max_steps
+        self.encoder, self.decoder, self.state = models_from_checkpoint(checkpoint, device)
+        self.objects = {}
+        if data_folder is not None:
+            check_word_maps_match(self.state["word_map"], data_folder, checkpoint)
+            self.objects = objects_by_digest(data_folder)
+        self.figure_dir = Path(tempfile.mkdtemp(prefix="caption-app-figures-"))
+        self._figure_lock = threading.Lock()  # matplotlib's pyplot keeps global state: one figure at a time
+
+    @property
+    def grid(self):
+        """Side of the attention grid: P = grid * grid."""
+        return self.encoder.encoded_size
+
+    def caption(self, path, beam_size):
+        """Caption an image file exactly as caption.py does; UserError (naming the file) when it cannot."""
+        path = Path(path)
+        words, alphas, pixels = caption_image(self.encoder, self.decoder, self.state["word_map"], path,
+                                              self.state["image_size"], beam_size, self.max_steps, self.device)
+        return Result(name=path.name, words=words, alphas=alphas.cpu(), pixels=pixels,
+                      objects=self.objects.get(file_digest(path), []), note=image_side_note(path))
+
+    def figure(self, result):
+        """Write caption.py's attention figure for `result` to a fresh file; returns its path."""
+        self._delete_old_figures()
+        out = self.figure_dir / uuid.uuid4().hex / f"{Path(result.name).stem}_attention.png"
+        with self._figure_lock:
+            attention_figure(result.pixels, result.words, result.alphas, self.grid, out, result.objects or None)
+        return out
+
+    def _delete_old_figures(self):
+        """Remove figures written more than FIGURE_MAX_AGE_S ago (Gradio has its own copy once served)."""
+        cutoff = time.time() - FIGURE_MAX_AGE_S
+        for folder in self.figure_dir.iterdir():
+            if folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def attention_view(result, step, side=DISPLAY_SIDE):
+    """The image with word `step`'s attention laid over it, as one panel of caption.py's figure.
+
+    Returns (side, side, 3) uint8: the attention map upsampled bilinearly, scaled to its peak, and
+    drawn in grey at 65% opacity over the image, with the object boxes in green.
+    """
+    image = Image.fromarray(result.pixels.transpose(1, 2, 0)).resize((side, side), Image.Resampling.BICUBIC)
+    grid = int(round(result.alphas.shape[1] ** 0.5))
+    attention = result.alphas[step].float().view(1, 1, grid, grid)  # (1, 1, grid, grid)
+    upsampled = torch.nn.functional.interpolate(attention, size=(side, side), mode="bilinear",
+                                                align_corners=False)[0, 0].numpy()  # (side, side)
+    upsampled = upsampled / max(upsampled.max(), 1e-12)
+    blended = 0.35 * np.asarray(image, dtype=np.float32) + 0.65 * 255.0 * upsampled[..., None]  # (side, side, 3)
+    view = Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(view)
+    for obj in result.objects:
+        draw.rectangle([v * side for v in obj["bbox"]], outline=(0, 255, 0), width=2)
+    return np.asarray(view)
+
+
+def friendly_error(exc, path):
+    """One sentence for the page: the file's own name instead of the server's temporary path."""
+    if isinstance(exc, UserError):
+        return str(exc).replace(str(path), Path(path).name)
+    traceback.print_exc()  # not the user's fault: keep the details for whoever runs the server
+    return f"{Path(path).name}: could not be captioned ({exc.__class__.__name__}: {exc})."
+
+# ----------------------------------------------------------------------------------------------
+# The page (Gradio is imported only here, so the functions above work and are tested without it)
+
+
+def import_gradio():
+    """Gradio, set up to stay offline; UserError naming the requirements file when it is missing."""
+    os.environ.update(OFFLINE_ENV)
+    try:
+        import gradio
+    except ImportError:
+        raise UserError(f"Gradio is not installed; install the page's requirements with "
+                        f"`.venv/bin/pip install -r {APP_REQUIREMENTS}` (or `make app-install`)") from None
+    return gradio
+
+
+def word_choices(result):
+    """The caption's words as (label, step) pairs for the clickable words; a word may repeat."""
+    return [(word, step) for step, word in enumerate(result.words)]
+
+
+def word_label(result, step):
+    """What the attention view shows, in words."""
+    return f"Where the model looked for word {step + 1} of {len(result.words)}: **{result.words[step]}**"
+
+
+def page_handlers(gr, captioner, max_beam_size):
+    """The page's three actions as functions of its inputs; each returns gr updates for its outputs."""
+
+    def caption(path, beam_size):
+        """Upload (or example, or beam size) -> status, caption, words, attention view, label, state, figure."""
+        cleared = (gr.update(choices=[], value=None), None, "", None, None)
+        if not path:
+            return ("Drop an image above, or pick an example.", "", *cleared)
+        if not (isinstance(beam_size, (int, float)) and 1 <= int(beam_size) <= max_beam_size):
+            return (f"Beam size must be between 1 and {max_beam_size}.", "", *cleared)
+        try:
+            result = captioner.caption(path, int(beam_size))
+        except Exception as exc:  # anything at all: the page shows a message and stays usable
+            return (friendly_error(exc, path), "", *cleared)
+        if not result.words:
+            return (f"{result.name}: the model wrote an empty caption.", "", *cleared)
+        status = result.note or f"{result.name}, beam size {int(beam_size)}."
+        return (status, result.caption, gr.update(choices=word_choices(result), value=0),
+                attention_view(result, 0), word_label(result, 0), result, None)
+
+    def show_word(step, result):
+        """A clicked word -> its attention view and label."""
+        if result is None or step is None or not 0 <= int(step) < len(result.words):
+            return None, ""
+        return attention_view(result, int(step)), word_label(result, int(step))
+
+    def figure(result):
+        """The figure caption.py --out writes, as a file to download."""
+        if result is None:
+            return None
+        return str(captioner.figure(result))
+
+    return caption, show_word, figure
+
+
+def build_page(captioner, examples=(), beam_size=3, max_beam_size=10):
+    """The Gradio page: upload, beam size, caption, clickable words, attention view, figure download."""
+    gr = import_gradio()
+    caption, show_word, figure = page_handlers(gr, captioner, max_beam_size)
+    with gr.Blocks(title="Show, Attend and Tell", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
+        gr.Markdown("# Show, Attend and Tell\nDrop an image to caption it, then click a word to see where "
+                    "the model looked when it wrote that word.")
+        result = gr.State(None, time_to_live=FIGURE_MAX_AGE_S)
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="Your image (drop it here or click to upload)", type="filepath",
+                                 elem_id="upload")
+                if examples:
+                    gr.Examples([[path] for path in examples], inputs=[upload], label="Or pick a test image")
+                beam = gr.Slider(1, max_beam_size, value=beam_size, step=1, label="Beam size (1 is greedy)",
+                                 elem_id="beam")
+                with gr.Accordion("More decoding settings", open=False):
+                    # Decoding options go here as the model gains them, each passed on to caption_image.
+                    gr.Markdown("Length penalty and the attention kind (soft or hard) are not in the model yet.")
+                status = gr.Markdown(elem_id="status")
+            with gr.Column():
+                caption_box = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
+                words = gr.Radio(choices=[], label="Words: click one to see its attention", elem_id="words")
+                label = gr.Markdown(elem_id="word-label")
+                view = gr.Image(label="Attention (lighter is more)", type="numpy", interactive=False,
+                                format="png", elem_id="attention")
+                make_figure = gr.Button("Make the figure caption.py draws (PNG)", elem_id="make-figure")
+                figure_file = gr.File(label="Figure", interactive=False, elem_id="figure")
+        outputs = [status, caption_box, words, view, label, result, figure_file]
+        # A new image (uploaded or picked) or a new beam size captions again; "/caption" is the
+        # endpoint scripts call (gradio_client: predict(handle_file(path), beam_size, api_name="/caption")).
+        upload.change(caption, [upload, beam], outputs, api_name="caption")
+        beam.release(caption, [upload, beam], outputs, api_name=False)
+        words.input(show_word, [words, result], [view, label], api_name="word")
+        make_figure.click(figure, [result], [figure_file], api_name="figure")
+    return page
+
+
+def main(argv=None):
+    """Load the model and serve the page until interrupted."""
+    args = parse_args(argv)
+    import_gradio()  # before the model loads: a missing Gradio is reported at once
+    captioner = Captioner(args.checkpoint, resolve_device(args.device), args.max_steps, args.data_folder)
+    examples = example_images(args.data_folder, args.examples) if args.data_folder else []
+    page = build_page(captioner, examples, args.beam_size, args.max_beam_size)
+    page.queue(default_concurrency_limit=args.concurrency)
+    page.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
+                max_file_size=f"{args.max_file_mb}mb", enable_monitoring=False, ssr_mode=False,
+                footer_links=["api"], allowed_paths=[str(Path(p).parent) for p in examples] or None,
+                prevent_thread_lock=True)
+    print(f"app.py: captioning with {args.checkpoint}; open {page.local_url} in a browser (Ctrl-C stops it)",
+          flush=True)
+    page.block_thread()
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(), "app.py")

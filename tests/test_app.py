@@ -1,0 +1,226 @@
+"""The web page (app.py): its caption is caption.py's, bad files get a message, several users at once
+get their own results, and a real browser (headless Chromium) drives the page.
+
+The first tests need only the project's requirements; those that serve the page need Gradio, and the
+browser test needs Playwright (both in requirements-app.txt) and Debian's chromium package.
+"""
+import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import app
+import bench_app
+import caption
+from utils import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+# The flags that keep Chromium from calling home: no background networking, updates, sync or QUIC.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+APP_INSTALL = "install the page's requirements: .venv/bin/pip install -r requirements-app.txt"
+
+
+@pytest.fixture(scope="module")
+def captioner(trained_run, packed_data):
+    """The page's model: the tiny trained checkpoint, with the packed data's object boxes."""
+    return app.Captioner(trained_run / "best.pt", torch.device("cpu"), data_folder=packed_data)
+
+
+@pytest.fixture(scope="module")
+def images(shapes_raw, tmp_path_factory):
+    """{kind: path} of the images a user may bring: a dataset image under another name, odd modes and sizes."""
+    folder = tmp_path_factory.mktemp("uploads")
+    source = sorted((shapes_raw / "images").glob("*.jpg"))[-1]
+    photo = Image.open(source).convert("RGB")
+    paths = {"source": source, "copy": folder / "my_photo.jpg", "other": folder / "another.jpg",
+             "cmyk": folder / "cmyk.jpg", "16bit": folder / "sixteen_bit.png", "tiny": folder / "one_pixel.png", "huge": folder / "huge.jpg"}
+    shutil.copyfile(source, paths["copy"])  # the dataset's own file, uploaded under another name
+    shutil.copyfile(sorted((shapes_raw / "images").glob("*.jpg"))[-2], paths["other"])
+    photo.convert("CMYK").save(paths["cmyk"])
+    grey = np.asarray(photo.convert("L"), dtype=np.uint16) * 257  # 8 bits spread over 16
+    Image.fromarray(grey).save(paths["16bit"])
+    assert Image.open(paths["16bit"]).mode.startswith("I;16")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(paths["tiny"])
+    photo.resize((12000, 9000), Image.Resampling.NEAREST).save(paths["huge"], quality=70)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def bad_files(images, tmp_path_factory):
+    """{file name: bytes} of files that are not images the model can read."""
+    good = images["copy"].read_bytes()
+    return {"notes.txt": b"a shopping list, not a photo\n", "empty.jpg": b"",
+            "truncated.jpg": good[:len(good) // 2], "fake.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 40}
+
+
+def caption_py_line(trained_run, path, beam_size, capsys):
+    """What `caption.py --img path --beam-size N` prints for the image."""
+    capsys.readouterr()
+    caption.main(["--img", str(path), "--checkpoint", str(trained_run / "best.pt"), "--beam-size", str(beam_size)])
+    return capsys.readouterr().out.strip()
+
+# ----------------------------------------------------------------------------------------------
+# What the page computes, without a server
+
+
+@pytest.mark.parametrize("kind", ["copy", "cmyk", "16bit", "huge"])
+def test_page_caption_is_caption_py_s_character_for_character(captioner, trained_run, images, kind, capsys):
+    for beam_size in (1, 3):
+        result = captioner.caption(images[kind], beam_size)
+        assert result.words and result.alphas.shape == (len(result.words), captioner.grid ** 2)
+        assert caption_py_line(trained_run, images[kind], beam_size, capsys) == f"{images[kind]}: {result.caption}"
+
+
+def test_bad_files_raise_one_sentence_naming_the_upload_not_the_server_path(captioner, bad_files, tmp_path):
+    for name, data in bad_files.items():
+        path = tmp_path / "upload-1234" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        with pytest.raises(UserError) as caught:
+            captioner.caption(path, 3)
+        message = app.friendly_error(caught.value, path)
+        assert message.startswith(f"{name}: ") and str(tmp_path) not in message and "\n" not in message
+
+
+def test_a_one_pixel_image_is_captioned_with_a_note(captioner, images):
+    result = captioner.caption(images["tiny"], 3)
+    assert result.words and "1x1 pixels" in result.note
+    assert captioner.caption(images["copy"], 3).note == ""
+
+
+def test_an_uploaded_copy_of_a_dataset_image_gets_its_object_boxes(captioner, images):
+    boxed, plain = captioner.caption(images["copy"], 3), captioner.caption(images["cmyk"], 3)
+    assert boxed.objects and not plain.objects  # recognised by content, whatever the file is called
+    green = (0, 255, 0)
+    assert (app.attention_view(boxed, 0) == green).all(axis=-1).any()
+    assert not (app.attention_view(plain, 0) == green).all(axis=-1).any()
+
+
+def test_each_word_has_its_own_attention_view(captioner, images):
+    result = captioner.caption(images["copy"], 3)
+    assert len(result.words) >= 2
+    views = [app.attention_view(result, step) for step in range(len(result.words))]
+    assert all(v.shape == (app.DISPLAY_SIDE, app.DISPLAY_SIDE, 3) and v.dtype == np.uint8 for v in views)
+    assert not np.array_equal(views[0], views[1])
+    # Where the attention peaks the view is lighter than where it is least.
+    alpha = result.alphas[1].view(captioner.grid, captioner.grid)
+    cell = app.DISPLAY_SIDE // captioner.grid
+    brightness = views[1].astype(float).mean(axis=-1)
+    row, col = divmod(int(alpha.argmax()), captioner.grid)
+    low_row, low_col = divmod(int(alpha.argmin()), captioner.grid)
+    peak = brightness[row * cell + cell // 2, col * cell + cell // 2]
+    assert peak > brightness[low_row * cell + cell // 2, low_col * cell + cell // 2]
+
+
+def test_the_figure_offered_is_the_one_caption_py_writes(captioner, trained_run, packed_data, images, tmp_path):
+    result = captioner.caption(images["source"], 2)
+    offered = captioner.figure(result)
+    assert result.objects and offered.name == f"{images['source'].stem}_attention.png"
+    caption.main(["--img", str(images["source"]), "--checkpoint", str(trained_run / "best.pt"), "--beam-size", "2",
+                  "--out", str(tmp_path / "fig.png"), "--data-folder", str(packed_data)])
+    written = (tmp_path / "fig.png").read_bytes()
+    assert written[:8] == b"\x89PNG\r\n\x1a\n" and offered.read_bytes() == written
+
+
+def test_the_page_handler_shows_a_message_and_clears_the_results_for_bad_input(captioner, bad_files, images,
+                                                                                tmp_path):
+    gr = pytest.importorskip("gradio", reason=APP_INSTALL)
+    caption_fn, show_word, figure = app.page_handlers(gr, captioner, max_beam_size=10)
+    status, text, words, view, label, state, _ = caption_fn(str(images["copy"]), 3)
+    assert text == state.caption and view.shape[-1] == 3 and "word 1 of" in label
+    assert show_word(1, state)[1].startswith("Where the model looked for word 2")
+    assert Path(figure(state)).is_file()
+    for name, data in bad_files.items():
+        (tmp_path / name).write_bytes(data)
+        status, text, words, view, label, state, _ = caption_fn(str(tmp_path / name), 3)
+        assert status.startswith(f"{name}: ") and text == "" and view is None and state is None
+    assert "between 1 and 10" in caption_fn(str(images["copy"]), 11)[0]
+    assert show_word(0, None) == (None, "") and figure(None) is None
+
+# ----------------------------------------------------------------------------------------------
+# The served page: one command starts it; several users at once; a real browser
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, packed_data):
+    """`python app.py --checkpoint ... --data-folder ...` on a free port; yields the address it printed."""
+    pytest.importorskip("gradio", reason=APP_INSTALL)
+    with bench_app.serving(trained_run / "best.pt", packed_data) as (address, _):
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", address)
+        yield address
+
+
+def test_four_users_at_once_each_get_their_own_caption(server, captioner, images):
+    from gradio_client import Client, handle_file
+
+    kinds = ["copy", "other", "cmyk", "16bit"]
+    expected = {kind: captioner.caption(images[kind], 3) for kind in kinds}
+
+    def one_user(kind):
+        client = Client(server, verbose=False)
+        status, text, *_ = client.predict(handle_file(str(images[kind])), 3, api_name="/caption")
+        word_label = client.predict(1, api_name="/word")[1]
+        return kind, status, text, word_label
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(one_user, kinds))
+    for kind, status, text, word_label in answers:
+        assert status.startswith(images[kind].name) and text == expected[kind].caption
+        assert f"word 2 of {len(expected[kind].words)}: **{expected[kind].words[1]}**" in word_label
+
+
+def browser_or_skip(playwright, profile):
+    """Headless Debian Chromium with an empty profile, or a skip naming what to install."""
+    if not CHROMIUM.is_file():
+        pytest.skip("needs Debian's chromium package: apt-get install chromium")
+    return playwright.chromium.launch_persistent_context(
+        str(profile), executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True,
+        viewport={"width": 1280, "height": 900})
+
+
+def test_a_browser_captions_an_upload_steps_through_words_and_reports_a_text_file(
+        server, captioner, trained_run, images, tmp_path, capsys):
+    sync_api = pytest.importorskip("playwright.sync_api", reason=APP_INSTALL)
+    expected = caption_py_line(trained_run, images["copy"], 3, capsys).split(": ", 1)[1]
+    requested = []
+    with sync_api.sync_playwright() as playwright:
+        browser = browser_or_skip(playwright, tmp_path / "profile")
+        try:
+            page = browser.new_page()
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(server)
+            page.locator("#upload input[type=file]").set_input_files(str(images["copy"]))
+            sync_api.expect(page.locator("#caption textarea")).to_have_value(expected, timeout=60_000)
+            first = attention_image(page)
+            page.locator("#words label").nth(1).click()
+            sync_api.expect(page.locator("#word-label")).to_contain_text("word 2 of", timeout=30_000)
+            assert attention_image(page) != first
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+            (tmp_path / "notes.txt").write_text("a shopping list, not a photo\n")
+            page.goto(server)  # a fresh page: a new user who picks the wrong file
+            page.locator("#upload input[type=file]").set_input_files(str(tmp_path / "notes.txt"))
+            sync_api.expect(page.locator("#status")).to_contain_text("notes.txt: cannot decode image",
+                                                                     timeout=30_000)
+            sync_api.expect(page.locator("#caption textarea")).to_have_value("")
+        finally:
+            browser.close()
+    # Offline: everything the page loaded came from the app itself (or from the page's own memory).
+    outside = [url for url in requested if urlparse(url).scheme not in ("data", "blob")
+               and urlparse(url).netloc != urlparse(server).netloc]
+    assert requested and not outside, outside
+
+
+def attention_image(page):
+    """The bytes of the attention view the page shows now."""
+    src = page.locator("#attention img").get_attribute("src", timeout=30_000)
+    return page.request.get(src).body()
