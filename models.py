@@ -213,6 +213,7 @@ class DecoderWithAttention(nn.Module):
         self.encoder_dim = encoder_dim
         self.attention_type = attention
         self.output_layer = output_layer
+        self.deep_output = output_layer == "deep"
         self.hard_expectation_prob = hard_expectation_prob
         self.hard_read = "argmax"
         self.attention = Attention(encoder_dim, decoder_dim, attention_dim)
@@ -222,7 +223,7 @@ class DecoderWithAttention(nn.Module):
         self.init_h = nn.Linear(encoder_dim, decoder_dim)
         self.init_c = nn.Linear(encoder_dim, decoder_dim)
         self.f_beta = nn.Linear(decoder_dim, encoder_dim)  # gate on the context, section 4.2.1
-        if output_layer == "deep":  # eq. 7: L_o(E y_t-1 + L_h h_t + L_z z_t), E the embedding
+        if self.deep_output:  # eq. 7: L_o(E y_t-1 + L_h h_t + L_z z_t), E the embedding
             self.deep_h = nn.Linear(decoder_dim, embed_dim)  # L_h
             self.deep_z = nn.Linear(encoder_dim, embed_dim)  # L_z
             self.fc = nn.Linear(embed_dim, vocab_size)  # L_o
@@ -305,7 +306,7 @@ class DecoderWithAttention(nn.Module):
         """The next word's scores (N, V) from h (N, D), the previous words' embeddings (N, M) and the
         gated contexts (N, E). Linear: fc(dropout(h)), the tutorial's. Deep, eq. 7:
         L_o(E y_t-1 + L_h h_t + L_z z_t), with the tanh and the two dropouts of the paper's code."""
-        if self.output_layer == "linear":
+        if not self.deep_output:
             return self.fc(self.dropout(h))
         hidden = torch.tanh(embeddings + self.deep_h(self.dropout(h)) + self.deep_z(context))  # (N, M)
         return self.fc(self.dropout(hidden))
@@ -344,20 +345,22 @@ class DecoderWithAttention(nn.Module):
         hiddens = encoder_out.new_zeros(batch_size, max_steps, h.shape[1])  # (B, T, D)
         alphas = encoder_out.new_zeros(batch_size, max_steps, num_pixels)  # (B, T, P)
         locations = torch.full((batch_size, max_steps), -1, dtype=torch.long, device=encoder_out.device)  # (B, T)
-        contexts = encoder_out.new_zeros(batch_size, max_steps, self.encoder_dim)  # (B, T, E), for eq. 7
+        # Eq. 7 reads each step's context too; the linear output layer keeps none.
+        contexts = encoder_out.new_zeros(batch_size, max_steps, self.encoder_dim if self.deep_output else 0)
         for t, batch_size_t in enumerate(batch_size_per_step):
             # Sliced only when captions end: the backward of each slice zero-fills a gradient of the
             # whole (B, P, E), and the first steps all run the whole batch.
             if batch_size_t < encoder_out.shape[0]:  # (B_t, P, E), (B_t, P, A)
                 encoder_out, encoder_proj = encoder_out[:batch_size_t], encoder_proj[:batch_size_t]
-            out = self.step(encoder_out, encoder_proj, embeddings[:batch_size_t, t], h[:batch_size_t],
-                            c[:batch_size_t], None if read_expectation is None else read_expectation[:batch_size_t])
-            h, c = out.h, out.c  # (B_t, D) each
+            h, c, alpha, context, location = self.step(  # (B_t, D), (B_t, D), (B_t, P), (B_t, E), (B_t,) or None
+                encoder_out, encoder_proj, embeddings[:batch_size_t, t], h[:batch_size_t], c[:batch_size_t],
+                None if read_expectation is None else read_expectation[:batch_size_t])
             hiddens[:batch_size_t, t] = h
-            alphas[:batch_size_t, t] = out.alpha
-            contexts[:batch_size_t, t] = out.context
-            if out.location is not None:
-                locations[:batch_size_t, t] = out.location
+            alphas[:batch_size_t, t] = alpha
+            if self.deep_output:
+                contexts[:batch_size_t, t] = context
+            if location is not None:
+                locations[:batch_size_t, t] = location
 
         # The output layer once after the loop, on the real steps only: in a batch with one long
         # caption most of (B, T) is padding, and the output layer is the decoder's biggest matmul.
