@@ -292,7 +292,7 @@ def lr_decay_due(progress, args):
 def check_resume_compatible(state, args, path):
     """Refuse to resume with architecture arguments that differ from the checkpoint's."""
     saved = state["args"]
-    differing = [f"--{name.replace('_', '-')} {saved[name]} (checkpoint) vs {getattr(args, name)} (now)"
+    differing = [f"--{name.replace('_', '-')} {arch_arg(saved, name)} (checkpoint) vs {getattr(args, name)} (now)"
                  for name in ARCH_ARGS if arch_arg(saved, name) != getattr(args, name)]
     if differing:
         raise UserError(f"{path}: cannot resume with other architecture arguments: "

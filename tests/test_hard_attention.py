@@ -252,3 +252,13 @@ def test_resume_refuses_another_attention_or_output_layer(hard_run, packed_data,
     flag = change[0]
     assert f"{flag} {'hard' if flag == '--attention' else 'deep'} (checkpoint) vs {change[1]}" in str(error.value)
 
+
+
+def test_a_checkpoint_from_before_these_flags_resumes_as_soft_and_linear_only():
+    saved = {"encoder_arch": "resnet18", "encoder_cut_after": "layer2", "encoded_size": 8, "attention_dim": 32,
+             "embed_dim": 16, "decoder_dim": 32}
+    args = train.parse_args(["--data-folder", "x", *TINY_MODEL])
+    train.check_resume_compatible({"args": saved}, args, "old.pt")  # the defaults: accepted
+    args.attention = "hard"
+    with pytest.raises(train.UserError, match=r"--attention soft \(checkpoint\) vs hard \(now\)"):
+        train.check_resume_compatible({"args": saved}, args, "old.pt")
