@@ -83,8 +83,8 @@ def attention_figure(image, words, alphas, grid, out_path, objects=None, mark_ce
         if attention is not None and mark_cells:
             row, col = divmod(int(attention.argmax()), grid)
             cell = size / grid
-            ax.add_patch(patches.Rectangle((col * cell, row * cell), cell, cell, fill=True, facecolor="red",
-                                           alpha=0.35, edgecolor="red", linewidth=2))
+            ax.add_patch(patches.Rectangle((col * cell, row * cell), cell, cell, facecolor=(0, 1, 1, 0.35),
+                                           edgecolor="cyan", linewidth=2.5))
         elif attention is not None:
             upsampled = torch.nn.functional.interpolate(attention.float(), size=(size, size), mode="bilinear",
                                                         align_corners=False)[0, 0].numpy()  # (S, S)

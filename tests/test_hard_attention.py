@@ -262,3 +262,19 @@ def test_a_checkpoint_from_before_these_flags_resumes_as_soft_and_linear_only():
     args.attention = "hard"
     with pytest.raises(train.UserError, match=r"--attention soft \(checkpoint\) vs hard \(now\)"):
         train.check_resume_compatible({"args": saved}, args, "old.pt")
+
+
+def test_caption_marks_the_cell_a_hard_model_read(hard_run, shapes_raw, tmp_path, monkeypatch):
+    import caption
+
+    drawn = []
+    monkeypatch.setattr(caption, "attention_figure", lambda *a, **k: drawn.append(a))
+    image = sorted((shapes_raw / "images").iterdir())[0]
+    for read in ("argmax", "expectation"):
+        caption.main(["--img", str(image), "--checkpoint", str(hard_run / "best.pt"), "--out",
+                      str(tmp_path / f"{read}.png"), "--hard-read", read])
+    assert [a[-1] for a in drawn] == [True, False]  # the cell read is marked; the expectation is a map
+    monkeypatch.undo()
+    out = tmp_path / "figure.png"
+    caption.main(["--img", str(image), "--checkpoint", str(hard_run / "best.pt"), "--out", str(out)])
+    assert out.stat().st_size > 0
