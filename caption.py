@@ -6,7 +6,8 @@
         --data-folder runs/demo/data --out runs/demo/attention.png
 
 The figure shows the image, then one panel per word with that step's attention map upsampled and
-laid over the image; for a hard-attention model reading one cell per word, that cell is marked instead. With --data-folder, an image from the packed dataset that has object
+laid over the image (for a hard-attention model, which reads one cell per word, that cell is marked
+instead). With --data-folder, an image from the packed dataset that has object
 annotations (the shapes set) gets its object boxes drawn too.
 """
 
