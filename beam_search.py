@@ -61,8 +61,8 @@ def beam_search(decoder, encoder_out, start_token, end_token, beam_size=3, max_s
     captions = [None] * batch_size  # (tokens, alphas or None, score) of each image, once it has left
     for t in range(max_steps):
         n = len(images)
-        h, c, alpha = decoder.step(encoder_out, encoder_proj, decoder.embedding(words), h, c)  # (n*K, D) each, (n*K, P)
-        log_probs = F.log_softmax(decoder.fc(h), dim=1).view(n, k, -1)  # (n, K, V)
+        scores, h, c, alpha = decoder.decode_step(encoder_out, encoder_proj, words, h, c)  # (n*K, V|D|D|P)
+        log_probs = F.log_softmax(scores, dim=1).view(n, k, -1)  # (n, K, V)
         beam_scores, parent, next_words = best_extensions(beam_scores, log_probs, finished, end_token)  # (n, K) each
         rows = (torch.arange(n, device=device).unsqueeze(1) * k + parent).view(-1)  # (n*K,) the parents' rows
         sequences = torch.cat([gather_beams(sequences, parent), next_words.unsqueeze(2)], dim=2)  # (n, K, t+1)
@@ -158,8 +158,7 @@ def greedy_decode(decoder, encoder_out, start_token, end_token, max_steps=50, re
     ended = torch.zeros(batch_size, dtype=torch.bool, device=encoder_out.device)  # (B,)
     step_words, step_alphas, step_log_probs = [], [], []
     for _ in range(max_steps):
-        h, c, alpha = decoder.step(encoder_out, encoder_proj, decoder.embedding(words), h, c)  # (B, D) each, (B, P)
-        logits = decoder.fc(h)  # (B, V)
+        logits, h, c, alpha = decoder.decode_step(encoder_out, encoder_proj, words, h, c)  # (B, V|D|D|P)
         words = logits.argmax(dim=1)  # (B,)
         log_prob = F.log_softmax(logits, dim=1).gather(1, words.unsqueeze(1)).squeeze(1)  # (B,)
         step_words.append(words)

@@ -513,10 +513,10 @@ class StepLoopProjectionDecoder(DecoderWithAttention):
         """Nothing before the step loop: the features go on unprojected (`step` ignores them)."""
         return encoder_out  # (B, P, E)
 
-    def step(self, encoder_out, encoder_proj, embeddings, h, c):
+    def step(self, encoder_out, encoder_proj, embeddings, h, c, read_expectation=None):
         """DecoderWithAttention.step, with the projection of the features (B_t, P, E) made here."""
         encoder_proj = self.attention.encoder_att(encoder_out)  # (B_t, P, A): at every step
-        return super().step(encoder_out, encoder_proj, embeddings, h, c)
+        return super().step(encoder_out, encoder_proj, embeddings, h, c, read_expectation)
 
 
 def ablation_models(device, dropout=0.5, seed=0, **dims):

@@ -6,7 +6,8 @@ r"""Caption one image (or every image in a folder) and draw where the model look
         --data-folder runs/demo/data --out runs/demo/attention.png
 
 The figure shows the image, then one panel per word with that step's attention map upsampled and
-laid over the image. With --data-folder, an image from the packed dataset that has object
+laid over the image (for a hard-attention model, which reads one cell per word, that cell is marked
+instead). With --data-folder, an image from the packed dataset that has object
 annotations (the shapes set) gets its object boxes drawn too.
 
 Where figures go (--out): a name ending in .png, .jpg, .jpeg, .pdf or .svg is one figure in that
@@ -24,6 +25,7 @@ import torch
 
 from checkpoints import models_from_checkpoint
 from datasets import SPLITS, decode_tokens, meta_file
+from models import HARD_READS
 from utils import (IMAGE_SUFFIXES, UserError, keep_freed_memory, list_images, load_image, normalize_images,
                    read_json, resolve_device, run_main)
 
@@ -45,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--data-folder", type=Path, default=None,
                         help="packed dataset the image comes from, to draw its object boxes when known")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--hard-read", choices=HARD_READS, default="argmax",
+                        help="what a hard-attention model reads at each word: the most likely cell (default), "
+                             "marked in the figure, or the expectation, drawn as a map; soft models ignore it")
     args = parser.parse_args(argv)
     if args.beam_size < 1 or args.max_steps < 1:
         parser.error("--beam-size and --max-steps must be at least 1")
@@ -102,8 +107,9 @@ def figure_path(out, image, several, used):
     return out / candidate
 
 
-def attention_figure(image, words, alphas, grid, out_path, objects=None):
-    """Save the image and one panel per word with its attention map (grid x grid) laid over it.
+def attention_figure(image, words, alphas, grid, out_path, objects=None, mark_cells=False):
+    """Save the image and one panel per word with its attention map (grid x grid) laid over it, or
+    with `mark_cells` (a hard model that reads one cell) the cell it read, the map's argmax, marked.
 
     image: (3, S, S) uint8; words: list of str; alphas: (len(words), P) float.
     """
@@ -125,7 +131,12 @@ def attention_figure(image, words, alphas, grid, out_path, objects=None):
     maps = [None] + [a.view(grid, grid)[None, None] for a in alphas]
     for ax, title, attention in zip(axes.flat, titles, maps):
         ax.imshow(pixels)
-        if attention is not None:
+        if attention is not None and mark_cells:
+            row, col = divmod(int(attention.argmax()), grid)
+            cell = size / grid
+            ax.add_patch(patches.Rectangle((col * cell, row * cell), cell, cell, facecolor=(0, 1, 1, 0.35),
+                                           edgecolor="cyan", linewidth=2.5))
+        elif attention is not None:
             upsampled = torch.nn.functional.interpolate(attention.float(), size=(size, size), mode="bilinear",
                                                         align_corners=False)[0, 0].numpy()  # (S, S)
             ax.imshow(upsampled / max(upsampled.max(), 1e-12), cmap="gray", alpha=0.65, vmin=0, vmax=1)
@@ -168,6 +179,8 @@ def main(argv=None):
     if args.out is not None:
         figure_path(args.out, images[0], several, set())  # refuse a bad --out before loading the model
     encoder, decoder, state = models_from_checkpoint(args.checkpoint, device)
+    decoder.hard_read = args.hard_read
+    mark_cells = decoder.attention_type == "hard" and args.hard_read == "argmax"
     boxes = known_objects(args.data_folder) if args.data_folder else {}
     results, failed, used = [], [], set()
     for path in images:
@@ -187,7 +200,7 @@ def main(argv=None):
                 print(f"note: {path} is not among the images packed in {args.data_folder} (by absolute path "
                       "or dataset name), so no object boxes are drawn", file=sys.stderr)
             out = figure_path(args.out, path, several, used)
-            attention_figure(pixels, words, alphas, encoder.encoded_size, out, objects)
+            attention_figure(pixels, words, alphas, encoder.encoded_size, out, objects, mark_cells)
             print(f"attention figure: {out}")
         results.append((path, words))
     if failed:

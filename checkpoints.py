@@ -20,7 +20,14 @@ from utils import UserError, atomic_write
 CHECKPOINT_VERSION = 1
 # Arguments that fix the shapes of the weights: a checkpoint can only be resumed or loaded with these.
 ARCH_ARGS = ("encoder_arch", "encoder_cut_after", "encoded_size", "attention_dim", "embed_dim",
-             "decoder_dim")
+             "decoder_dim", "attention", "output_layer")
+# What checkpoints written before an architecture argument existed were built with.
+ARCH_DEFAULTS = {"attention": "soft", "output_layer": "linear"}
+
+
+def arch_arg(args, name):
+    """An architecture argument of a dict of train.py's arguments, older checkpoints' default if absent."""
+    return args.get(name, ARCH_DEFAULTS.get(name))
 
 
 def build_models(args, vocab_size, load_weights=True):
@@ -34,7 +41,9 @@ def build_models(args, vocab_size, load_weights=True):
         cut_after=args["encoder_cut_after"], load_weights=load_weights)
     decoder = DecoderWithAttention(
         vocab_size=vocab_size, encoder_dim=encoder.encoder_dim, attention_dim=args["attention_dim"],
-        embed_dim=args["embed_dim"], decoder_dim=args["decoder_dim"], dropout=args["dropout"])
+        embed_dim=args["embed_dim"], decoder_dim=args["decoder_dim"], dropout=args["dropout"],
+        attention=arch_arg(args, "attention"), output_layer=arch_arg(args, "output_layer"),
+        hard_expectation_prob=args.get("hard_expectation_prob", 0.5))
     return encoder, decoder
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from checkpoints import check_word_maps_match, models_from_checkpoint
 from datasets import SPLITS, CaptionDataset, decode_tokens, meta_file, reference_tokens
 from metrics import bleu_scores, coco_caption_metrics, content_scores, grounding_scores
+from models import HARD_READS
 from utils import UserError, keep_freed_memory, read_json, resolve_device, run_main, write_json
 
 
@@ -46,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the content-free baseline's pairing")
+    parser.add_argument("--hard-read", choices=HARD_READS, default="argmax",
+                        help="what a hard-attention model reads at each word: the most likely cell (default) "
+                             "or the expectation over the cells, as soft attention does; soft models ignore it")
     args = parser.parse_args(argv)
     if args.beam_size < 1 or args.max_steps < 1 or args.batch_size < 1:
         parser.error("--beam-size, --max-steps and --batch-size must be at least 1")
@@ -125,7 +129,9 @@ def evaluate(encoder, decoder, word_map, data_folder, split, beam_size, max_step
     hyp_words = [decode_tokens(h, rev_word_map) for h in hypotheses]
     ref_words, notes = scoring_references(meta, packed_references, rev_word_map, data_folder)
 
-    metrics = {"split": split, "beam_size": beam_size, "images": len(hypotheses), **bleu_scores(ref_words, hyp_words)}
+    metrics = {"split": split, "beam_size": beam_size, "images": len(hypotheses), "attention": decoder.attention_type,
+               **({"hard_read": decoder.hard_read} if decoder.attention_type == "hard" else {}),
+               "output_layer": decoder.output_layer, **bleu_scores(ref_words, hyp_words)}
     if coco_metrics:
         if show_progress:
             print(f"scoring {len(hyp_words)} captions: METEOR (Java), ROUGE-L, CIDEr ...", file=sys.stderr, flush=True)
@@ -165,6 +171,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     keep_freed_memory(device)
     encoder, decoder, state = models_from_checkpoint(args.checkpoint, device)
+    decoder.hard_read = args.hard_read
     check_word_maps_match(state["word_map"], args.data_folder, args.checkpoint)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # packed images have one size: cuDNN picks its fastest kernels

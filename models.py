@@ -1,7 +1,9 @@
-"""Show, Attend and Tell: a CNN encoder, soft attention and an LSTM decoder.
+"""Show, Attend and Tell: a CNN encoder, soft or hard attention and an LSTM decoder.
 
 Xu et al. 2015, "Show, Attend and Tell: Neural Image Caption Generation with Visual Attention",
-https://arxiv.org/abs/1502.03044 (the "soft" deterministic attention of section 4.2).
+https://arxiv.org/abs/1502.03044: the "soft" deterministic attention of section 4.2 (the default), the
+"hard" stochastic attention of section 4.1, and the output layer from h_t alone (the tutorial's) or
+the paper's deep output layer (eq. 7).
 
     from models import Encoder, DecoderWithAttention
     encoder = Encoder(arch="resnet101", pretrained=False)
@@ -12,6 +14,8 @@ Dimension legend used in shape comments:
     E encoder dim, D decoder dim, A attention dim, M embedding dim, T caption steps, V vocabulary.
 """
 
+from typing import NamedTuple, Optional
+
 import torch
 import torchvision
 from torch import nn
@@ -21,6 +25,9 @@ from utils import UserError
 
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 RESNET_BLOCKS = ("layer1", "layer2", "layer3", "layer4")
+ATTENTION_TYPES = ("soft", "hard")  # section 4.2 (the expectation of the features), 4.1 (one sampled cell)
+OUTPUT_LAYERS = ("linear", "deep")  # fc(h_t), the tutorial's; eq. 7 from the word, h_t and the context
+HARD_READS = ("argmax", "expectation")  # what a hard model reads when it is not training
 
 # Channels out of each residual stage: basic blocks (18/34) vs. bottleneck blocks (50/101/152).
 _STAGE_CHANNELS = {
@@ -166,20 +173,49 @@ class Attention(nn.Module):
         return context.view(-1, encoder_dim), alpha.view(-1, num_pixels)  # (B*K, E), (B*K, P)
 
 
+class Step(NamedTuple):
+    """What one decoding step gives: the new LSTM state h, c (B*K, D), the attention weights alpha
+    (B*K, P), the gated context the LSTM read (B*K, E), and with hard attention the cell it read
+    (B*K,) long, -1 where it read the expectation (None with soft attention)."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+    alpha: torch.Tensor
+    context: torch.Tensor
+    location: Optional[torch.Tensor]
+
+
 class DecoderWithAttention(nn.Module):
-    """LSTM decoder with soft attention, a gated context and h0/c0 from the mean encoding.
+    """LSTM decoder with soft or hard attention, a gated context and h0/c0 from the mean encoding.
 
     Args:
         vocab_size: V, from the word map.
         encoder_dim, attention_dim, embed_dim, decoder_dim: E, A, M, D.
-        dropout: before the output layer, as in the tutorial.
+        dropout: before the output layer, as in the tutorial (the deep output layer also drops its
+            hidden layer, as the paper's code does).
+        attention: "soft" (section 4.2: the context is the expectation of the features) or "hard"
+            (section 4.1: the context is the feature vector of one cell, sampled in training).
+        output_layer: "linear" (the tutorial's fc(h_t)) or "deep" (eq. 7 of the paper).
+        hard_expectation_prob: hard attention in training: the chance that a caption reads the
+            expectation (the soft context) instead of sampled cells, 0.5 in the paper (section 4.1).
+
+    `hard_read` ("argmax" or "expectation", attribute) is what a hard model reads when not training.
     """
 
     def __init__(self, vocab_size, encoder_dim=2048, attention_dim=512, embed_dim=512,
-                 decoder_dim=512, dropout=0.5):
+                 decoder_dim=512, dropout=0.5, attention="soft", output_layer="linear",
+                 hard_expectation_prob=0.5):
         super().__init__()
+        if attention not in ATTENTION_TYPES or output_layer not in OUTPUT_LAYERS:
+            raise ValueError(f"attention must be one of {ATTENTION_TYPES} and output_layer one of "
+                             f"{OUTPUT_LAYERS}, got {attention!r} and {output_layer!r}")
         self.vocab_size = vocab_size
         self.encoder_dim = encoder_dim
+        self.attention_type = attention
+        self.output_layer = output_layer
+        self.deep_output = output_layer == "deep"
+        self.hard_expectation_prob = hard_expectation_prob
+        self.hard_read = "argmax"
         self.attention = Attention(encoder_dim, decoder_dim, attention_dim)
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.dropout = nn.Dropout(p=dropout)
@@ -187,7 +223,12 @@ class DecoderWithAttention(nn.Module):
         self.init_h = nn.Linear(encoder_dim, decoder_dim)
         self.init_c = nn.Linear(encoder_dim, decoder_dim)
         self.f_beta = nn.Linear(decoder_dim, encoder_dim)  # gate on the context, section 4.2.1
-        self.fc = nn.Linear(decoder_dim, vocab_size)
+        if self.deep_output:  # eq. 7: L_o(E y_t-1 + L_h h_t + L_z z_t), E the embedding
+            self.deep_h = nn.Linear(decoder_dim, embed_dim)  # L_h
+            self.deep_z = nn.Linear(encoder_dim, embed_dim)  # L_z
+            self.fc = nn.Linear(embed_dim, vocab_size)  # L_o
+        else:
+            self.fc = nn.Linear(decoder_dim, vocab_size)
         self._init_weights()
 
     def _init_weights(self):
@@ -205,7 +246,7 @@ class DecoderWithAttention(nn.Module):
         """The features' term of the attention scores (eq. 4): (B, P, E) -> (B, P, A)."""
         return self.attention.encoder_att(encoder_out)
 
-    def step(self, encoder_out, encoder_proj, embeddings, h, c):
+    def step(self, encoder_out, encoder_proj, embeddings, h, c, read_expectation=None):
         """One decoding step, for K hidden states per image of encoder_out (K = 1 in training, the
         beams in beam search): attention, the gated context and the LSTM.
 
@@ -214,16 +255,61 @@ class DecoderWithAttention(nn.Module):
             encoder_proj: (B, P, A) float, `project_encoder(encoder_out)`.
             embeddings: (B*K, M) float, the embeddings of the previous words.
             h, c: (B*K, D) float each, the previous LSTM state.
+            read_expectation: hard attention in training: (B*K,) bool, the rows that read the
+                expectation instead of a sampled cell (None: none of them).
         Returns:
-            the new h and c (B*K, D) each, and alpha (B*K, P), the attention weights. The word scores
-            are `fc(dropout(h))`: decoding applies the output layer at every step, forward once
-            after its loop.
+            a Step. The word scores are `output(h, embeddings, context)`: decoding applies the
+            output layer at every step, forward once after its loop.
         """
         context, alpha = self.attention(encoder_out, encoder_proj, h)  # (B*K, E), (B*K, P)
+        location = None
+        if self.attention_type == "hard":
+            context, location = self.hard_context(encoder_out, context, alpha, read_expectation)
         # Section 4.2.1's gate beta = sigmoid(f_beta(h)), one per channel here as in the tutorial.
         gated_context = torch.sigmoid(self.f_beta(h)) * context  # (B*K, E)
         h, c = self.lstm(torch.cat([embeddings, gated_context], dim=1), (h, c))  # (B*K, D) each
-        return h, c, alpha
+        return Step(h, c, alpha, gated_context, location)
+
+    def hard_context(self, encoder_out, soft_context, alpha, read_expectation=None):
+        """Hard attention's context (section 4.1, eq. 8-9): the feature vector a_s of one cell s.
+
+        In training s ~ Multinoulli(alpha) for every row, except the rows of `read_expectation`,
+        which read the expectation sum_i alpha_i a_i (`soft_context`): the paper does so for half
+        the images to lower the variance of its gradient estimate. Not training, every row reads
+        the most likely cell (hard_read "argmax") or the expectation ("expectation").
+
+        encoder_out (B, P, E); soft_context (B*K, E); alpha (B*K, P). Returns the context (B*K, E)
+        and the cell read (B*K,) long, -1 where a row read the expectation.
+        """
+        rows, num_pixels = alpha.shape
+        if not self.training and self.hard_read == "expectation":
+            return soft_context, alpha.new_full((rows,), -1, dtype=torch.long)
+        if self.training:  # sampled, so no gradient flows through the choice: the loss adds REINFORCE's
+            location = torch.multinomial(alpha.detach().float(), 1).squeeze(1)  # (B*K,)
+        else:
+            location = alpha.argmax(dim=1)  # (B*K,)
+        image = torch.arange(rows, device=alpha.device) // (rows // encoder_out.shape[0])  # (B*K,)
+        context = encoder_out.reshape(-1, encoder_out.shape[2])[image * num_pixels + location]  # (B*K, E)
+        if read_expectation is not None:
+            context = torch.where(read_expectation.unsqueeze(1), soft_context, context)  # (B*K, E)
+            location = location.masked_fill(read_expectation, -1)  # (B*K,)
+        return context, location
+
+    def decode_step(self, encoder_out, encoder_proj, words, h, c):
+        """One step of decoding from the previous words (B*K,) long, for beam search and greedy
+        decoding: the next word's scores (B*K, V), and the step's new h, c (B*K, D) and alpha (B*K, P)."""
+        embeddings = self.embedding(words)  # (B*K, M)
+        out = self.step(encoder_out, encoder_proj, embeddings, h, c)
+        return self.output(out.h, embeddings, out.context), out.h, out.c, out.alpha
+
+    def output(self, h, embeddings, context):
+        """The next word's scores (N, V) from h (N, D), the previous words' embeddings (N, M) and the
+        gated contexts (N, E). Linear: fc(dropout(h)), the tutorial's. Deep, eq. 7:
+        L_o(E y_t-1 + L_h h_t + L_z z_t), with the tanh and the two dropouts of the paper's code."""
+        if not self.deep_output:
+            return self.fc(self.dropout(h))
+        hidden = torch.tanh(embeddings + self.deep_h(self.dropout(h)) + self.deep_z(context))  # (N, M)
+        return self.fc(self.dropout(hidden))
 
     def _features_per_caption(self, encoder_out, order, image_index):
         """The features and their attention projection for each caption, in length-sorted `order`.
@@ -241,20 +327,22 @@ class DecoderWithAttention(nn.Module):
         encoder_proj = self.project_encoder(encoder_out)  # (n, P, A): once per image
         return encoder_out.index_select(0, rows), encoder_proj.index_select(0, rows)  # (B, P, E), (B, P, A)
 
-    def forward(self, encoder_out, captions, caption_lengths, image_index=None):
+    def forward(self, encoder_out, captions, caption_lengths, image_index=None, return_locations=False):
         """Teacher-forced decoding.
 
         Args:
             encoder_out: (B, P, E) float; with `image_index`, (n, P, E) for n images.
             captions: (B, L) long, `<start> w1 ... wn <end> <pad>...`.
             caption_lengths: (B,) long, tokens including `<start>` and `<end>`.
-            image_index: optional (B,) long, the row of encoder_out that caption b describes, so that
-                the K captions of an image share its one encoder pass and attention projection;
-                None: caption b describes row b.
+            image_index: optional (B,) long, caption b's row of encoder_out, so that an image's K
+                captions share one encoder pass and attention projection (None: row b).
+            return_locations: also return the cells a hard model read.
         Returns:
             scores (B, T, V) float for predicting captions[:, 1:T+1] with T = max(decode_lengths)
             (zero at padded steps), alphas (B, T, P) float (zero at padded steps), and
-            decode_lengths (B,) long = caption_lengths - 1. Rows stay in the input order.
+            decode_lengths (B,) long = caption_lengths - 1. Rows stay in the input order. With
+            return_locations, also locations (B, T) long: the cell each step read, -1 at padded steps,
+            with soft attention, and in the captions that read the expectation.
         """
         batch_size, num_pixels = captions.shape[0], encoder_out.shape[1]
         decode_lengths = caption_lengths - 1  # (B,)
@@ -268,26 +356,45 @@ class DecoderWithAttention(nn.Module):
         embeddings = self.embedding(captions[order, :max_steps])  # (B, T, M)
         encoder_out, encoder_proj = self._features_per_caption(encoder_out, order, image_index)
         h, c = self.init_hidden_state(encoder_out)  # (B, D) each
+        read_expectation = self.captions_reading_expectation(batch_size, encoder_out.device)  # (B,) or None
 
         hiddens = encoder_out.new_zeros(batch_size, max_steps, h.shape[1])  # (B, T, D)
         alphas = encoder_out.new_zeros(batch_size, max_steps, num_pixels)  # (B, T, P)
+        locations = torch.full((batch_size, max_steps), -1, dtype=torch.long, device=encoder_out.device)  # (B, T)
+        # Eq. 7 reads each step's context too; the linear output layer keeps none.
+        contexts = encoder_out.new_zeros(batch_size, max_steps, self.encoder_dim if self.deep_output else 0)
         for t, batch_size_t in enumerate(batch_size_per_step):
             # Sliced only when captions end: the backward of each slice zero-fills a gradient of the
             # whole (B, P, E), and the first steps all run the whole batch.
             if batch_size_t < encoder_out.shape[0]:  # (B_t, P, E), (B_t, P, A)
                 encoder_out, encoder_proj = encoder_out[:batch_size_t], encoder_proj[:batch_size_t]
-            h, c, alpha = self.step(encoder_out, encoder_proj, embeddings[:batch_size_t, t],
-                                    h[:batch_size_t], c[:batch_size_t])  # (B_t, D), (B_t, D), (B_t, P)
+            h, c, alpha, context, location = self.step(  # (B_t, D), (B_t, D), (B_t, P), (B_t, E), (B_t,) or None
+                encoder_out, encoder_proj, embeddings[:batch_size_t, t], h[:batch_size_t], c[:batch_size_t],
+                None if read_expectation is None else read_expectation[:batch_size_t])
             hiddens[:batch_size_t, t] = h
             alphas[:batch_size_t, t] = alpha
+            if self.deep_output:
+                contexts[:batch_size_t, t] = context
+            if location is not None:
+                locations[:batch_size_t, t] = location
 
         # The output layer once after the loop, on the real steps only: in a batch with one long
         # caption most of (B, T) is padding, and the output layer is the decoder's biggest matmul.
         rows, real_steps = real.nonzero(as_tuple=True)  # (N,) each, N real steps
         scores = hiddens.new_zeros(batch_size, max_steps, self.vocab_size)  # (B, T, V)
         # order[rows] undoes the sort as it writes: no copy of the whole (B, T, V) to unsort it.
-        scores[order[rows], real_steps] = self.fc(self.dropout(hiddens[rows, real_steps]))  # (N, V)
-        return scores, alphas[order.argsort()], decode_lengths
+        scores[order[rows], real_steps] = self.output(hiddens[rows, real_steps], embeddings[rows, real_steps],
+                                                      contexts[rows, real_steps])  # (N, V)
+        unsort = order.argsort()  # (B,)
+        return (scores, alphas[unsort], decode_lengths) + ((locations[unsort],) if return_locations else ())
+
+    def captions_reading_expectation(self, batch_size, device):
+        """Hard attention in training: which captions read the expectation this batch, each with
+        probability hard_expectation_prob (B,) bool; None otherwise. Drawn per caption, the paper's
+        "for a given image"; the rows are already length-sorted, and each draw is independent."""
+        if self.attention_type != "hard" or not self.training:
+            return None
+        return torch.rand(batch_size, device=device) < self.hard_expectation_prob
 
     def beam_search(self, encoder_out, start_token, end_token, beam_size=3, max_steps=50,
                     return_alphas=False, return_scores=False):

@@ -29,12 +29,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from checkpoints import (ARCH_ARGS, CHECKPOINT_VERSION, build_models, load_checkpoint, load_model_weights,
-                         rng_state, save_checkpoint, set_rng_state)
+from checkpoints import (ARCH_ARGS, CHECKPOINT_VERSION, arch_arg, build_models, load_checkpoint,
+                         load_model_weights, rng_state, save_checkpoint, set_rng_state)
 from datasets import CaptionDataset, read_word_map, reference_tokens
-from losses import caption_loss, caption_loss_sums, loss_from_sums, top5_correct
+from losses import (caption_loss, caption_loss_sums, hard_attention_terms, loss_from_sums, top5_correct,
+                    updated_baseline)
 from metrics import bleu_scores
-from models import RESNET_ARCHS, RESNET_BLOCKS
+from models import ATTENTION_TYPES, OUTPUT_LAYERS, RESNET_ARCHS, RESNET_BLOCKS
 from utils import UserError, atomic_write, keep_freed_memory, resolve_device, run_main
 
 
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     if args.batch_size % args.captions_per_image_per_step:
         parser.error(f"--batch-size {args.batch_size} is not a multiple of --captions-per-image-per-step "
                      f"{args.captions_per_image_per_step}: a step holds whole groups of an image's captions")
+    if not 0.0 <= args.hard_expectation_prob <= 1.0 or not 0.0 <= args.hard_baseline_decay < 1.0:
+        parser.error("--hard-expectation-prob must lie in [0, 1] and --hard-baseline-decay in [0, 1)")
     return args
 
 
@@ -76,6 +79,13 @@ def add_data_and_model_flags(parser):
     model.add_argument("--embed-dim", type=int, default=512, help="word embedding size M (default 512)")
     model.add_argument("--decoder-dim", type=int, default=512, help="LSTM size D (default 512)")
     model.add_argument("--dropout", type=float, default=0.5, help="dropout before the output layer (0.5)")
+    model.add_argument("--attention", choices=ATTENTION_TYPES, default="soft",
+                       help="soft: the context is the attention-weighted mean of the features (section 4.2, "
+                            "default); hard: the feature vector of one cell, sampled in training and trained "
+                            "with REINFORCE (section 4.1)")
+    model.add_argument("--output-layer", choices=OUTPUT_LAYERS, default="linear",
+                       help="linear: word scores from the LSTM state alone, the tutorial's (default); deep: "
+                            "from the previous word, the LSTM state and the context, the paper's eq. 7")
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                        help="start the encoder from torchvision's ImageNet weights, downloaded once "
                             "(default); --no-pretrained starts from random weights")
@@ -111,6 +121,23 @@ def add_optimisation_flags(opt):
                      help="stop after this many epochs without a better validation BLEU-4 (default 20)")
     opt.add_argument("--val-beam-size", type=int, default=1,
                      help="beam size of the decoding that gives validation BLEU-4 (default 1, greedy)")
+    add_hard_attention_flags(opt)
+
+
+def add_hard_attention_flags(opt):
+    """How hard attention trains (section 4.1); soft attention ignores these."""
+    opt.add_argument("--hard-expectation-prob", type=float, default=0.5,
+                     help="hard attention: chance that a caption reads the expectation (the soft context) "
+                          "instead of sampled cells, to lower the gradient's variance (default 0.5, the paper's)")
+    opt.add_argument("--hard-baseline-decay", type=float, default=0.9,
+                     help="hard attention: b = decay * b + (1 - decay) * log p(y | s, a), the moving-average "
+                          "baseline of REINFORCE (default 0.9, the paper's)")
+    opt.add_argument("--hard-reinforce-weight", type=float, default=0.1,
+                     help="hard attention: weight lambda_r of the REINFORCE term (default 0.1, the authors' "
+                          "code; the paper gives no value)")
+    opt.add_argument("--hard-entropy", type=float, default=0.01,
+                     help="hard attention: weight lambda_e of the attention entropy bonus (default 0.01; the "
+                          "paper gives no value)")
 
 
 def add_system_flags(system):
@@ -186,6 +213,7 @@ class Progress:
     # Sums over the steps of `epoch` trained so far, over all processes: what the epoch's train_loss
     # and train_top5 are computed from, so that an epoch resumed part way reports an uninterrupted one's.
     epoch_sums: dict = field(default_factory=lambda: dict.fromkeys(EPOCH_SUMS, 0.0))
+    hard_baseline: float = None  # hard attention's REINFORCE baseline b (None before its first batch)
 
 
 EPOCH_SUMS = ("loss", "top5", "words")  # loss x words, correct top-5 predictions, real words
@@ -281,8 +309,8 @@ def lr_decay_due(progress, args):
 def check_resume_compatible(state, args, path):
     """Refuse to resume with architecture arguments that differ from the checkpoint's."""
     saved = state["args"]
-    differing = [f"--{name.replace('_', '-')} {saved[name]} (checkpoint) vs {getattr(args, name)} (now)"
-                 for name in ARCH_ARGS if saved.get(name) != getattr(args, name)]
+    differing = [f"--{name.replace('_', '-')} {arch_arg(saved, name)} (checkpoint) vs {getattr(args, name)} (now)"
+                 for name in ARCH_ARGS if arch_arg(saved, name) != getattr(args, name)]
     if differing:
         raise UserError(f"{path}: cannot resume with other architecture arguments: "
                         + "; ".join(differing) + ". Pass the checkpoint's values or start a new run")
@@ -386,10 +414,18 @@ def train_step(run, images, captions, lengths, step, stop, image_index=None):
     args, optimizers = run.args, run.active_optimizers()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+    hard = args.attention == "hard"
     with autocast(run.device, args.amp):
-        scores, alphas, decode_lengths = run.decoder(run.encoder(images), captions, lengths, image_index)
+        scores, alphas, decode_lengths, *locations = run.decoder(run.encoder(images), captions, lengths,
+                                                                 image_index, return_locations=hard)
         loss, real_scores, real_targets = caption_loss(scores, captions, decode_lengths, alphas, args.alpha_c)
-    run.scaler.scale(loss).backward()
+        objective, reward_sum, sampled = loss, 0.0, 0
+        if hard:  # REINFORCE and the entropy bonus: gradients, but not part of the reported loss
+            hard_terms, reward_sum, sampled = hard_attention_terms(
+                scores, captions, decode_lengths, alphas, locations[0], run.progress.hard_baseline,
+                args.hard_reinforce_weight, args.hard_entropy)
+            objective = loss + hard_terms
+    run.scaler.scale(objective).backward()
     for opt in optimizers:
         run.scaler.unscale_(opt)
     # Check before clipping, which would turn an inf gradient into +-grad_clip and hide it, and
@@ -402,12 +438,12 @@ def train_step(run, images, captions, lengths, step, stop, image_index=None):
         grads = [p.grad for p in run.trainable if p.grad is not None]
         bad_grads = bool(grads) and not bool(torch.nn.utils.get_total_norm(grads).isfinite())
     # One small all-reduce keeps every process deciding alike about NaNs and stop signals.
-    bad_loss, bad_grads, stop_flag = all_reduce_sum(
-        [float(not torch.isfinite(loss)), float(bad_grads), float(stop.signal is not None)], run.device,
-        run.world_size)
+    bad_loss, bad_grads, stop_flag, reward_sum, sampled = all_reduce_sum(
+        [float(not torch.isfinite(objective)), float(bad_grads), float(stop.signal is not None), float(reward_sum),
+         float(sampled)], run.device, run.world_size)
     epoch = run.progress.epoch
     if bad_loss:
-        raise TrainingDiverged.at(f"the loss became {loss.item()}", epoch, step, args)
+        raise TrainingDiverged.at(f"the loss became {objective.item()}", epoch, step, args)
     if bad_grads:
         raise TrainingDiverged.at(f"a gradient became inf or NaN (loss {loss.item():.4g})", epoch, step, args)
     if args.grad_clip > 0:
@@ -415,6 +451,9 @@ def train_step(run, images, captions, lengths, step, stop, image_index=None):
     for opt in optimizers:
         run.scaler.step(opt)
     run.scaler.update()
+    if hard:  # over all processes' captions, so that every process keeps the same b
+        run.progress.hard_baseline = updated_baseline(run.progress.hard_baseline, reward_sum, int(sampled),
+                                                      args.hard_baseline_decay)
     return loss, real_scores, real_targets, bool(stop_flag)
 
 
@@ -574,7 +613,8 @@ def fit(run, train_set, val_loader, loader_options, stop):
             "train_top5": sums["top5"] / max(sums["words"], 1),
             **metrics, "decoder_lr": run.optimizers["decoder"].param_groups[0]["lr"],
             "encoder_lr": run.optimizers["encoder"].param_groups[0]["lr"] if run.optimizers["encoder"] else 0.0,
-            "seconds": round(time.time() - started, 1)})
+            "seconds": round(time.time() - started, 1),
+            **({"hard_baseline": progress.hard_baseline} if args.attention == "hard" else {})})
 
         # Checkpoints and logs, at the start of the next epoch.
         progress.epoch, progress.samples_done = progress.epoch + 1, 0

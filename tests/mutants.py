@@ -44,6 +44,7 @@ PACKING = ("tests/test_packing_rules.py",)
 TRAINING_RULES = ("tests/test_robustness.py", "-k", "best_checkpoint or decay or early_stop or infinite_gradient")
 RESUME = ("tests/test_robustness.py", "-k", "resume_from_an_epoch_end or sigkill_mid_epoch")
 METRICS = ("tests/test_metrics.py",)
+HARD = ("tests/test_hard_attention.py", "-k", "not hard_run and not resume")
 
 MUTATIONS = [
     # ---- beam search and greedy decoding
@@ -79,6 +80,20 @@ MUTATIONS = [
     Mutation("decoder: scores left in length-sorted order", "models.py",
              "scores[order[rows], real_steps] =", "scores[rows, real_steps] =",
              ("tests/test_models.py",)),
+    # ---- hard attention and the deep output layer
+    Mutation("hard: REINFORCE reinforces the cells that explain the caption worse", "losses.py",
+             "reinforce_weight * (rewards - baseline) * location_log_probs",
+             "reinforce_weight * (baseline - rewards) * location_log_probs", HARD),
+    Mutation("hard: the entropy bonus lowers the entropy", "losses.py",
+             "entropies = -torch.special.xlogy(alphas, alphas).sum(dim=2)",
+             "entropies = torch.special.xlogy(alphas, alphas).sum(dim=2)", HARD),
+    Mutation("hard: a caption meant to read the expectation reads a sampled cell", "models.py",
+             "context = torch.where(read_expectation.unsqueeze(1), soft_context, context)",
+             "context = torch.where(read_expectation.unsqueeze(1), context, soft_context)", HARD),
+    Mutation("hard: decoding reads the least likely cell", "models.py",
+             "location = alpha.argmax(dim=1)  # (B*K,)", "location = alpha.argmin(dim=1)  # (B*K,)", HARD),
+    Mutation("deep output: eq. 7 without the previous word", "models.py",
+             "hidden = torch.tanh(embeddings + self.deep_h(", "hidden = torch.tanh(self.deep_h(", HARD),
     # ---- packing and the data a model sees
     Mutation("packing: one caption short for images with fewer than required", "create_input_files.py",
              "for _ in range(cpi - len(tokens))]", "for _ in range(cpi - len(tokens) - 1)]", PACKING),
@@ -149,8 +164,8 @@ MUTATIONS = [
              "raise SystemExit(128 + signal.SIGINT) from None", "raise SystemExit(1) from None",
              ("tests/test_robustness.py", "-k", "ctrl_c")),
     Mutation("errors: resume accepts other architecture arguments", "train.py",
-             "for name in ARCH_ARGS if saved.get(name) != getattr(args, name)]",
-             "for name in ARCH_ARGS if saved.get(name) == getattr(args, name) and False]",
+             "for name in ARCH_ARGS if arch_arg(saved, name) != getattr(args, name)]",
+             "for name in ARCH_ARGS if arch_arg(saved, name) == getattr(args, name) and False]",
              ("tests/test_robustness.py", "-k", "other_architecture_arguments")),
     Mutation("errors: eval accepts a data folder of another word map", "checkpoints.py",
              "    if data_word_map != checkpoint_word_map:\n", "    if False:\n",

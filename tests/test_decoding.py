@@ -127,3 +127,34 @@ def test_a_caption_comes_back_when_no_beam_ends(trained, beam_size):
     # The real weights with too few steps: every image still gets its (cut) caption.
     tokens = decoder.beam_search(features, start, end, beam_size=beam_size, max_steps=2)
     assert len(tokens) == features.shape[0] and all(len(t) <= 2 and end not in t for t in tokens)
+
+
+@pytest.mark.parametrize("attention,output_layer,hard_read", [
+    ("hard", "linear", "argmax"), ("hard", "deep", "argmax"), ("hard", "linear", "expectation"),
+    ("soft", "deep", "argmax")])
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_hard_attention_and_deep_output_decode_batched_as_one_at_a_time(device, attention, output_layer,
+                                                                       hard_read, beam_size):
+    torch.manual_seed(0)
+    decoder = models.DecoderWithAttention(vocab_size=30, encoder_dim=16, attention_dim=8, embed_dim=6,
+                                          decoder_dim=10, dropout=0.0, attention=attention,
+                                          output_layer=output_layer).eval()
+    decoder.hard_read = hard_read
+    with torch.no_grad():
+        decoder.fc.weight.mul_(10)  # confident words, so that captions end at different steps
+        decoder.fc.bias[29] = 1.0 if output_layer == "deep" else 0.0  # eq. 7's tanh bounds the scores
+    decoder, features = decoder.to(device), (torch.randn(24, 9, 16) * 3).to(device)
+    tokens, alphas = decoder.beam_search(features, 28, 29, beam_size=beam_size, max_steps=12,
+                                         return_alphas=True)
+    assert len({len(t) for t in tokens}) > 1  # images ended at different steps
+    single_tokens, single_alphas = decode_one_by_one(decoder, features, 28, 29, beam_size=beam_size,
+                                                     max_steps=12)
+    assert tokens == single_tokens
+    for a, b in zip(alphas, single_alphas):
+        torch.testing.assert_close(a, b)
+    if beam_size == 1:
+        assert decoder.greedy_decode(features, 28, 29, max_steps=12) == tokens
+    if attention == "hard":  # what a hard model reads changes what it writes
+        other = copy.deepcopy(decoder)
+        other.hard_read = "expectation" if hard_read == "argmax" else "argmax"
+        assert other.beam_search(features, 28, 29, beam_size=beam_size, max_steps=12) != tokens

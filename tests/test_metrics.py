@@ -3,6 +3,7 @@ eval.py's BLEU on its own captions file and every reference, eval.py's scores ag
 and the shapes set's content and grounding scores."""
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -126,7 +127,8 @@ def test_eval_scores_every_reference_once_as_the_official_coco_scorer_does(tmp_p
         return tokens, packed, [None] * len(tokens)
 
     monkeypatch.setattr(evaluate_script, "decode_split", decode_split)
-    metrics, captions = evaluate_script.evaluate(None, None, word_map, data, "test", 1, 20, 4, torch.device("cpu"),
+    decoder = SimpleNamespace(attention_type="soft", output_layer="linear")  # what eval.py reports of the model
+    metrics, captions = evaluate_script.evaluate(None, decoder, word_map, data, "test", 1, 20, 4, torch.device("cpu"),
                                                  show_progress=False)
     assert metrics["notes"] == []
 
