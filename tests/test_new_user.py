@@ -91,7 +91,8 @@ def test_a_folder_with_same_stem_files_and_a_bad_one_gets_every_good_figure_and_
 
 def test_boxes_are_found_from_another_folder_and_after_the_dataset_moved(one_epoch, raw, data, tmp_path, monkeypatch):
     drawn = []
-    monkeypatch.setattr(caption, "attention_figure", lambda *args: drawn.append(args[-1]))
+    monkeypatch.setattr(caption, "attention_figure", lambda pixels, words, alphas, grid, out, objects, *rest:
+                        drawn.append(objects))
     meta = json.loads((data / "train_meta.json").read_text())["images"][0]
     assert Path(meta["file"]).is_absolute() and meta["objects"]
     elsewhere = tmp_path / "elsewhere"
