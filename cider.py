@@ -7,6 +7,8 @@ subprocess.
     scorer.score(["a", "red", "circle"], [["a", "red", "circle"], ["a", "circle"]])   # one caption
     scorer.corpus_score(hypotheses, references)              # the mean over images
 
+    python cider.py --data-folder data/shapes_packed         # its speed: captions scored per second
+
 It computes what pycocoevalcap's `Cider` computes (tests/test_cider.py checks it), with two changes
 that make it usable as a reward: the document frequencies are fixed (counted once, from the training
 references) instead of recounted from whatever is scored, and each image's reference vectors are
@@ -16,13 +18,18 @@ The score of a caption c against the references S of its image is 10 times the m
 over the references s of
     sum_g min(w_c(g), w_s(g)) * w_s(g) / (|w_c| |w_s|) * exp(-(l_c - l_s)^2 / (2 sigma^2)),
 with w(g) = count of the n-gram g * (log(N) - log(max(1, df(g)))), N the number of images the
-document frequencies df were counted on, and sigma 6. As in pycocoevalcap, the length l in the
-Gaussian penalty is the caption's number of bigrams (its words less one): the reference code counts
-the n-grams of index 1, and matching it exactly matters more here than the name.
+document frequencies df were counted on, l a caption's number of words and sigma 6. (pycocoevalcap
+counts bigrams as the length, words less one on both sides: the same difference.)
 """
 
+import argparse
 import math
+import statistics
+import time
 from collections import Counter
+from pathlib import Path
+
+from utils import UserError, read_json, run_main
 
 NGRAM_ORDERS = 4
 SIGMA = 6.0
@@ -78,7 +85,7 @@ class CiderD:
             idf = self.log_num_documents - math.log(max(1.0, self.document_frequency.get(gram, 0.0)))
             weights[gram] = count * idf
             squares[len(gram) - 1] += weights[gram] ** 2
-        return weights, [math.sqrt(s) for s in squares], max(len(words) - 1, 0)
+        return weights, [math.sqrt(s) for s in squares], len(words)
 
     def reference_vectors(self, references):
         """The vectors of an image's references (a list of token lists), computed once per image."""
@@ -108,3 +115,45 @@ class CiderD:
     def corpus_score(self, hypotheses, references):
         """The mean CIDEr-D over the images, as pycocoevalcap's `Cider` reports it."""
         return sum(self.scores(hypotheses, references)) / max(len(hypotheses), 1)
+
+
+def split_references(data_folder, split):
+    """Every reference caption (token lists) of each image of a packed split, from its metadata."""
+    path = Path(data_folder) / f"{split}_meta.json"
+    images = read_json(path, "the split's metadata from create_input_files.py")["images"]
+    if not all("references" in m for m in images):
+        raise UserError(f"{path}: was packed before the metadata kept every reference caption; pack the "
+                        "data again with create_input_files.py (same images, same word map)")
+    return [m["references"] for m in images]
+
+
+def measure_speed(data_folder, split, runs):
+    """Captions scored per second, median of `runs`: each run scores, for every image of `split`, five
+    captions (the references of the next five images), with document frequencies from the train split.
+    The first run fills the reference cache, as the first epoch of training does."""
+    scorer, refs = CiderD.from_references(split_references(data_folder, "train")), split_references(data_folder, split)
+    hypotheses = [refs[(i + j) % len(refs)][0] for i in range(len(refs)) for j in range(1, 6)]
+    per_caption = [refs[i] for i in range(len(refs)) for _ in range(5)]
+    rates = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        scorer.scores(hypotheses, per_caption)
+        rates.append(len(hypotheses) / (time.perf_counter() - started))
+    return statistics.median(rates), len(hypotheses)
+
+
+def main(argv=None):
+    """Print the scorer's speed on a packed data folder."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-folder", type=Path, required=True,
+                        help="output folder of create_input_files.py, with references in its metadata")
+    parser.add_argument("--split", default="test", help="the split whose images are scored (default test)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs; the median is printed (default 5)")
+    args = parser.parse_args(argv)
+    rate, count = measure_speed(args.data_folder, args.split, args.runs)
+    print(f"CIDEr-D: {rate:,.0f} captions/s (median of {args.runs} runs of {count} captions)")
+    return rate
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(), "cider.py")
