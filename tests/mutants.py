@@ -72,6 +72,17 @@ MUTATIONS = [
              "    for t in range(max_steps):\n", "    for t in range(max_steps - 1):\n", DECODING),
     Mutation("greedy: the least likely word", "beam_search.py",
              "words = logits.argmax(dim=1)  # (B,)", "words = logits.argmin(dim=1)  # (B,)", ORACLE),
+    # ---- CIDEr-D and self-critical training
+    Mutation("cider: repeated n-grams not clipped to the reference's counts", "cider.py",
+             "min(weight, ref_weight) * ref_weight", "weight * ref_weight", ("tests/test_cider.py",)),
+    Mutation("scst: the mean baseline includes the sample itself", "scst.py",
+             "baselines = (per_image.sum(dim=1, keepdim=True) - per_image) / (num_samples - 1)  # (B, S)",
+             "baselines = per_image.mean(dim=1, keepdim=True).expand_as(per_image)  # (B, S)",
+             ("tests/test_scst.py", "-k", "advantages")),
+    Mutation("scst: words after <end> enter the loss", "scst.py",
+             "step_counted.append(~ended)  # a word after <end> is padding",
+             "step_counted.append(torch.ones_like(ended))  # a word after <end> is padding",
+             ("tests/test_scst.py", "-k", "sampling")),
     # ---- the model and its loss
     Mutation("penalty: sign flipped in the loss", "losses.py",
              "+ alpha_c * attention_penalty(alphas).mean()", "- alpha_c * attention_penalty(alphas).mean()",

@@ -83,7 +83,8 @@ def test_caption_accepts_any_image_mode(trained_run, tmp_path):
     assert len(list((tmp_path / "figs").glob("*_attention.png"))) == 4
 
 
-@pytest.mark.parametrize("module", ["make_shapes_dataset", "create_input_files", "train", "eval", "caption"])
+@pytest.mark.parametrize("module", ["make_shapes_dataset", "create_input_files", "train", "eval", "caption", "scst",
+                                    "cider"])
 def test_every_flag_has_a_help_string(module, monkeypatch):
     parsers = []
 
