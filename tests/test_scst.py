@@ -53,24 +53,19 @@ def test_sampling_stops_at_end_and_at_the_length_cap():
     assert words.shape == (12, 9) and bool(counted.all())
 
 
-def caption_log_probs(decoder, features, rows):
+def caption_log_probs(decoder, features, rows, start_token):
     """Summed log-probability of each token row (N, T), <end> included, given features (N, P, E):
     the teacher-forced pass, in the decoder's current mode."""
-    start = torch.full((rows.shape[0], 1), START, dtype=torch.long)
+    start = torch.full((rows.shape[0], 1), start_token, dtype=torch.long)
     captions = torch.cat([start, rows], dim=1)  # (N, T+1)
     lengths = torch.full((rows.shape[0],), captions.shape[1])
     scores, _, _ = decoder(features, captions, lengths)  # (N, T, V)
     return F.log_softmax(scores, dim=2).gather(2, rows.unsqueeze(2)).squeeze(2).sum(dim=1)  # (N,)
 
 
-START = None  # set by fixed_samples from the word map
-
-
 def fixed_samples(packed_data, word_map):
     """Three 'samples' per image: its first reference caption (clearly the best), that caption
     reversed, and its first word four times; token rows of equal length, each ending in <end>."""
-    global START
-    START = word_map["<start>"]
     dataset = CaptionDataset(packed_data, "train", per_image=True)
     rows = {}
     for i in range(len(dataset)):
@@ -108,7 +103,9 @@ def test_one_step_makes_the_best_sample_likelier_and_the_others_less_likely(trai
     with torch.no_grad():
         features = encoder(torch.stack([dataset[i][0] for i in index])).repeat_interleave(3, dim=0)
         tokens = torch.tensor([r for i in index for r in rows[i]])
-        change = (caption_log_probs(after, features, tokens) - caption_log_probs(decoder, features, tokens)).view(-1, 3)
+        start = state["word_map"]["<start>"]
+        change = (caption_log_probs(after, features, tokens, start)
+                  - caption_log_probs(decoder, features, tokens, start)).view(-1, 3)  # (B, 3)
     assert float(change[:, 0].mean()) > 0  # the reference-like caption, rewarded most
     assert float(change[:, 1:].mean()) < 0  # the reversed and the repeated one
     assert float(change[:, 0].mean()) > float(change[:, 1].mean()) and float(change[:, 0].mean()) > float(
