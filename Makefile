@@ -17,7 +17,12 @@ DEMO_OPTIM ?= --epochs 6 --batch-size 32 --encoder-lr 1e-3 --decoder-lr 1e-3 --l
 DEMO_WORKERS ?= 1
 DEMO_BEAM ?= 3
 
-.PHONY: demo test mutants install clean-demo app app-install
+# Self-critical training after the demo (make demo first): from its best.pt, on a copy of its images
+# packed again with every reference in the metadata.
+SCST_DIR ?= runs/demo-scst
+SCST_OPTIM ?= --batch-size 16 --steps-per-epoch 25 --epochs 4 --workers 0
+
+.PHONY: demo demo-scst test mutants install clean-demo app app-install
 
 install: $(VENV)/.installed
 
@@ -59,6 +64,15 @@ demo: $(VENV)/.installed
 		--beam-size $(DEMO_BEAM) --out $(DEMO_DIR)/attention.png
 	@$(PY) -c "import json; m = json.load(open('$(DEMO_DIR)/train/metrics_test_beam$(DEMO_BEAM).json')); \
 		print(f\"demo: test BLEU-4 {m['bleu4']:.4f} (beam $(DEMO_BEAM)); attention figure: $(DEMO_DIR)/attention.png\")"
+
+demo-scst: $(VENV)/.installed
+	$(PY) create_input_files.py --dataset shapes --karpathy-json $(DEMO_DIR)/shapes/dataset_shapes.json \
+		--image-folder $(DEMO_DIR)/shapes --output-folder $(SCST_DIR)/data --image-size $(DEMO_IMAGE_SIZE) \
+		--workers 2
+	$(PY) scst.py --checkpoint $(DEMO_DIR)/train/best.pt --data-folder $(SCST_DIR)/data \
+		--output-dir $(SCST_DIR)/train --seed $(DEMO_SEED) $(SCST_OPTIM)
+	$(PY) eval.py --checkpoint $(SCST_DIR)/train/best.pt --data-folder $(SCST_DIR)/data --split test \
+		--beam-size $(DEMO_BEAM) --workers 0
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from beam_search import LENGTH_PENALTY_HELP
 from checkpoints import models_from_checkpoint
 from datasets import SPLITS, decode_tokens, meta_file
 from models import HARD_READS
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--img", type=Path, required=True, help="an image file, or a folder of images")
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by train.py")
     parser.add_argument("--beam-size", type=int, default=3, help="beam size (default 3; 1 is greedy)")
+    parser.add_argument("--length-penalty", type=float, default=0.0, help=LENGTH_PENALTY_HELP)
     parser.add_argument("--max-steps", type=int, default=50, help="most words per caption (default 50)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where the attention figures go: a file ending in " + ", ".join(FIGURE_FORMATS)
@@ -53,6 +55,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.beam_size < 1 or args.max_steps < 1:
         parser.error("--beam-size and --max-steps must be at least 1")
+    if args.length_penalty < 0:
+        parser.error("--length-penalty must be at least 0")
     return args
 
 
@@ -158,12 +162,13 @@ def attention_figure(image, words, alphas, grid, out_path, objects=None, mark_ce
 
 
 @torch.no_grad()
-def caption_image(encoder, decoder, word_map, path, image_size, beam_size, max_steps, device):
+def caption_image(encoder, decoder, word_map, path, image_size, beam_size, max_steps, device, length_penalty=0.0):
     """Caption one image file; returns (words, attention maps (len(words), P), uint8 pixels)."""
     pixels = load_image(path, image_size)  # (3, S, S) uint8
     images = normalize_images(torch.from_numpy(pixels)).unsqueeze(0).to(device)  # (1, 3, S, S)
     tokens, alphas = decoder.beam_search(encoder(images), word_map["<start>"], word_map["<end>"],
-                                         beam_size=beam_size, max_steps=max_steps, return_alphas=True)
+                                         beam_size=beam_size, max_steps=max_steps, return_alphas=True,
+                                         length_penalty=length_penalty)
     rev_word_map = {v: k for k, v in word_map.items()}
     return decode_tokens(tokens[0], rev_word_map), alphas[0], pixels
 
@@ -186,7 +191,7 @@ def main(argv=None):
     for path in images:
         try:
             words, alphas, pixels = caption_image(encoder, decoder, state["word_map"], path, state["image_size"],
-                                                  args.beam_size, args.max_steps, device)
+                                                  args.beam_size, args.max_steps, device, args.length_penalty)
         except UserError as exc:
             if not several:
                 raise

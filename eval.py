@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from beam_search import LENGTH_PENALTY_HELP
 from checkpoints import check_word_maps_match, models_from_checkpoint
 from datasets import SPLITS, CaptionDataset, decode_tokens, meta_file, reference_tokens
 from metrics import bleu_scores, coco_caption_metrics, content_scores, grounding_scores
@@ -36,6 +37,7 @@ def parse_args(argv=None):
                         help="output folder of create_input_files.py, packed with the checkpoint's word map")
     parser.add_argument("--split", choices=SPLITS, default="test", help="split to caption (default test)")
     parser.add_argument("--beam-size", type=int, default=3, help="beam size (default 3; 1 is greedy)")
+    parser.add_argument("--length-penalty", type=float, default=0.0, help=LENGTH_PENALTY_HELP)
     parser.add_argument("--max-steps", type=int, default=50,
                         help="most words per caption, <end> included (default 50)")
     parser.add_argument("--batch-size", type=int, default=64,
@@ -53,13 +55,15 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.beam_size < 1 or args.max_steps < 1 or args.batch_size < 1:
         parser.error("--beam-size, --max-steps and --batch-size must be at least 1")
+    if args.length_penalty < 0:
+        parser.error("--length-penalty must be at least 0")
     return args
 
 
 @torch.no_grad()
 def decode_split(encoder, decoder, dataset, word_map, beam_size, max_steps, batch_size, device, workers=0,
-                 return_alphas=False, show_progress=True):
-    """Beam-search every image of `dataset` (per-image items).
+                 return_alphas=False, show_progress=True, length_penalty=0.0):
+    """Beam-search every image of `dataset` (per-image items), finished beams ranked with `length_penalty`.
 
     Returns lists over images, in dataset order: hypotheses (token ids), references (lists of token
     ids, special tokens removed) and, with return_alphas, each word's attention map (len, P).
@@ -71,7 +75,8 @@ def decode_split(encoder, decoder, dataset, word_map, beam_size, max_steps, batc
                                              file=sys.stderr, disable=not show_progress):
         images = images.to(device, non_blocking=True)
         result = decoder.beam_search(encoder(images), word_map["<start>"], word_map["<end>"],
-                                     beam_size=beam_size, max_steps=max_steps, return_alphas=return_alphas)
+                                     beam_size=beam_size, max_steps=max_steps, return_alphas=return_alphas,
+                                     length_penalty=length_penalty)
         tokens, maps = result if return_alphas else (result, [None] * len(result))
         hypotheses.extend(tokens)
         alphas.extend(maps)
@@ -115,7 +120,7 @@ def scoring_references(meta, packed_references, rev_word_map, data_folder):
 
 
 def evaluate(encoder, decoder, word_map, data_folder, split, beam_size, max_steps, batch_size, device,
-             workers=0, coco_metrics=True, seed=0, show_progress=True):
+             workers=0, coco_metrics=True, seed=0, show_progress=True, length_penalty=0.0):
     """Decode a split and compute every metric; returns (metrics dict, captions as word lists)."""
     dataset = CaptionDataset(data_folder, split, per_image=True)
     if len(dataset) == 0:
@@ -124,12 +129,13 @@ def evaluate(encoder, decoder, word_map, data_folder, split, beam_size, max_step
     meta = read_json(meta_file(data_folder, split), "the split's metadata from create_input_files.py")["images"]
     hypotheses, packed_references, alphas = decode_split(encoder, decoder, dataset, word_map, beam_size, max_steps,
                                                          batch_size, device, workers, return_alphas=True,
-                                                         show_progress=show_progress)
+                                                         show_progress=show_progress, length_penalty=length_penalty)
     rev_word_map = {v: k for k, v in word_map.items()}
     hyp_words = [decode_tokens(h, rev_word_map) for h in hypotheses]
     ref_words, notes = scoring_references(meta, packed_references, rev_word_map, data_folder)
 
-    metrics = {"split": split, "beam_size": beam_size, "images": len(hypotheses), "attention": decoder.attention_type,
+    metrics = {"split": split, "beam_size": beam_size, "length_penalty": length_penalty, "images": len(hypotheses),
+               "attention": decoder.attention_type,
                **({"hard_read": decoder.hard_read} if decoder.attention_type == "hard" else {}),
                "output_layer": decoder.output_layer, **bleu_scores(ref_words, hyp_words)}
     if coco_metrics:
@@ -177,10 +183,11 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True  # packed images have one size: cuDNN picks its fastest kernels
     metrics, captions = evaluate(encoder, decoder, state["word_map"], args.data_folder, args.split,
                                  args.beam_size, args.max_steps, args.batch_size, device, args.workers,
-                                 args.coco_metrics, args.seed)
+                                 args.coco_metrics, args.seed, length_penalty=args.length_penalty)
     metrics["checkpoint"] = str(args.checkpoint)
     output_dir = args.output_dir or args.checkpoint.parent
-    stem = f"{args.split}_beam{args.beam_size}"
+    # A length penalty gets its own files; at 0 the names stay those of plain beam search.
+    stem = f"{args.split}_beam{args.beam_size}" + (f"_lp{args.length_penalty:g}" if args.length_penalty else "")
     write_json(output_dir / f"captions_{stem}.json", captions)
     write_json(output_dir / f"metrics_{stem}.json", metrics)
     print(format_metrics(metrics))

@@ -397,10 +397,10 @@ class DecoderWithAttention(nn.Module):
         return torch.rand(batch_size, device=device) < self.hard_expectation_prob
 
     def beam_search(self, encoder_out, start_token, end_token, beam_size=3, max_steps=50,
-                    return_alphas=False, return_scores=False):
+                    return_alphas=False, return_scores=False, length_penalty=0.0):
         """Batched beam search from features (B, P, E): see beam_search.beam_search."""
         return beam_search(self, encoder_out, start_token, end_token, beam_size, max_steps, return_alphas,
-                           return_scores)
+                           return_scores, length_penalty)
 
     def greedy_decode(self, encoder_out, start_token, end_token, max_steps=50, return_alphas=False,
                       return_scores=False):

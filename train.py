@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from beam_search import LENGTH_PENALTY_HELP
 from checkpoints import (ARCH_ARGS, CHECKPOINT_VERSION, arch_arg, build_models, load_checkpoint,
                          load_model_weights, rng_state, save_checkpoint, set_rng_state)
 from datasets import CaptionDataset, read_word_map, reference_tokens
@@ -54,6 +55,8 @@ def parse_args(argv=None):
                      f"{args.captions_per_image_per_step}: a step holds whole groups of an image's captions")
     if not 0.0 <= args.hard_expectation_prob <= 1.0 or not 0.0 <= args.hard_baseline_decay < 1.0:
         parser.error("--hard-expectation-prob must lie in [0, 1] and --hard-baseline-decay in [0, 1)")
+    if args.val_length_penalty < 0:
+        parser.error("--val-length-penalty must be at least 0")
     return args
 
 
@@ -121,6 +124,8 @@ def add_optimisation_flags(opt):
                      help="stop after this many epochs without a better validation BLEU-4 (default 20)")
     opt.add_argument("--val-beam-size", type=int, default=1,
                      help="beam size of the decoding that gives validation BLEU-4 (default 1, greedy)")
+    opt.add_argument("--val-length-penalty", type=float, default=0.0,
+                     help="length penalty of that decoding: " + LENGTH_PENALTY_HELP)
     add_hard_attention_flags(opt)
 
 
@@ -522,7 +527,7 @@ def add_epoch_sums(run, unsynced):
 
 @torch.no_grad()
 def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size, max_steps, world_size,
-             show_progress=False):
+             show_progress=False, length_penalty=0.0):
     """Teacher-forced loss and top-5 accuracy on every reference, and BLEU-4 from real decoding.
 
     With several processes each decodes its shard; the sums are all-reduced and the captions
@@ -546,7 +551,8 @@ def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size
             scores, alphas, decode_lengths = decoder(features.repeat_interleave(per_image, dim=0), flat_captions,
                                                      flat_lengths)
             hypotheses = decoder.beam_search(features, word_map["<start>"], word_map["<end>"],
-                                             beam_size=beam_size, max_steps=max_steps)
+                                             beam_size=beam_size, max_steps=max_steps,
+                                             length_penalty=length_penalty)
         # Sums, not batch means, so that the loss does not depend on how the split is batched or sharded.
         sums.update(caption_loss_sums(scores, flat_captions, decode_lengths, alphas))
         for index, hypothesis, caps, lens in zip(indices.tolist(), hypotheses, captions, lengths):
@@ -603,7 +609,7 @@ def fit(run, train_set, val_loader, loader_options, stop):
         # Validate by decoding, and keep the best epoch.
         metrics, _ = validate(run.encoder, run.decoder, val_loader, run.word_map, run.device, args.amp,
                               args.alpha_c, args.val_beam_size, max_steps, run.world_size,
-                              show_progress=run.is_main)
+                              show_progress=run.is_main, length_penalty=args.val_length_penalty)
         improved = metrics["val_decoded_bleu4"] > progress.best_bleu4
         progress.best_bleu4 = max(progress.best_bleu4, metrics["val_decoded_bleu4"])
         progress.epochs_since_improvement = 0 if improved else progress.epochs_since_improvement + 1

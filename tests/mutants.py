@@ -48,25 +48,42 @@ HARD = ("tests/test_hard_attention.py", "-k", "not hard_run and not resume")
 
 MUTATIONS = [
     # ---- beam search and greedy decoding
-    # Finished beams extend like live ones, by real words with their log-probabilities. (Dropping only
-    # the first line cannot change a result of this search: a finished beam's extensions all score
-    # below it, and what they push out of the beam scores lower still.)
-    Mutation("beam: a finished beam extends with real words", "beam_search.py",
-             "    log_probs.masked_fill_(finished.unsqueeze(2), -math.inf)\n"
-             "    log_probs[:, :, end_token].masked_fill_(finished, 0.0)\n", "", ORACLE),
+    # A beam that is not live (score -inf) and happens to end counts as a finished caption: it takes a
+    # place from the live beams.
+    Mutation("beam: beams that are not live can finish", "beam_search.py",
+             "just_finished = (next_words == end_token) & (beam_scores > -math.inf)  # (n, K)",
+             "just_finished = next_words == end_token  # (n, K)", ("tests/test_decoding.py", "-k", "tutorial")),
+    # A finished caption keeps its place among the live beams, as the search did before it kept them apart.
+    Mutation("beam: finished captions do not free their places", "beam_search.py",
+             "scores = scores.masked_fill(torch.arange(k, device=scores.device) >= places, -math.inf)  # (n, K)",
+             "scores = scores  # (n, K)", ("tests/test_decoding.py", "-k", "tutorial")),
     Mutation("beam: parent beam from the wrong divisor", "beam_search.py",
              "return scores, flat_index // vocab_size,", "return scores, flat_index // k,", ORACLE),
-    Mutation("beam: the worst finished beam is returned", "beam_search.py",
-             "best = ranked.argmax(dim=1)", "best = ranked.argmin(dim=1)", ORACLE),
+    Mutation("beam: the last caption to finish is returned, not the best", "beam_search.py",
+             "better = top_rank > self.rank", "better = top_rank > -math.inf", ORACLE),
+    Mutation("beam: the length penalty divides by the wrong length", "beam_search.py",
+             "rank_score(beam_scores, t + 1, length_penalty)", "rank_score(beam_scores, 1, length_penalty)",
+             ("tests/test_decoding.py", "-k", "tutorial")),
     Mutation("beam: all K beams start live (K copies of one hypothesis)", "beam_search.py",
              "beam_scores[:, 0] = 0.0", "beam_scores[:, :] = 0.0", ORACLE),
     Mutation("beam: each word's map from its own row, not its parent's", "beam_search.py",
-             "new_alphas = alpha[rows].view(-1, k, 1, num_pixels)", "new_alphas = alpha.view(-1, k, 1, num_pixels)",
+             "alpha[rows].view(-1, k, num_pixels)", "alpha.view(-1, k, num_pixels)",
              ORACLE),
     Mutation("beam: one step fewer than max_steps", "beam_search.py",
              "    for t in range(max_steps):\n", "    for t in range(max_steps - 1):\n", DECODING),
     Mutation("greedy: the least likely word", "beam_search.py",
              "words = logits.argmax(dim=1)  # (B,)", "words = logits.argmin(dim=1)  # (B,)", ORACLE),
+    # ---- CIDEr-D and self-critical training
+    Mutation("cider: repeated n-grams not clipped to the reference's counts", "cider.py",
+             "min(weight, ref_weight) * ref_weight", "weight * ref_weight", ("tests/test_cider.py",)),
+    Mutation("scst: the mean baseline includes the sample itself", "scst.py",
+             "baselines = (per_image.sum(dim=1, keepdim=True) - per_image) / (num_samples - 1)  # (B, S)",
+             "baselines = per_image.mean(dim=1, keepdim=True).expand_as(per_image)  # (B, S)",
+             ("tests/test_scst.py", "-k", "advantages")),
+    Mutation("scst: words after <end> enter the loss", "scst.py",
+             "step_counted.append(~ended)  # a word after <end> is padding",
+             "step_counted.append(torch.ones_like(ended))  # a word after <end> is padding",
+             ("tests/test_scst.py", "-k", "sampling")),
     # ---- the model and its loss
     Mutation("penalty: sign flipped in the loss", "losses.py",
              "+ alpha_c * attention_penalty(alphas).mean()", "- alpha_c * attention_penalty(alphas).mean()",

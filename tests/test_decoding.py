@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import models
 import checkpoints
@@ -35,13 +36,14 @@ def decode_one_by_one(decoder, features, start, end, **options):
     return tokens, alphas
 
 
+@pytest.mark.parametrize("length_penalty", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("beam_size", [1, 3, 5])
-def test_batched_beam_search_equals_one_image_at_a_time(trained, beam_size):
+def test_batched_beam_search_equals_one_image_at_a_time(trained, beam_size, length_penalty):
     decoder, features, start, end = trained
     tokens, alphas = decoder.beam_search(features, start, end, beam_size=beam_size, max_steps=MAX_STEPS,
-                                         return_alphas=True)
+                                         return_alphas=True, length_penalty=length_penalty)
     single_tokens, single_alphas = decode_one_by_one(decoder, features, start, end, beam_size=beam_size,
-                                                     max_steps=MAX_STEPS)
+                                                     max_steps=MAX_STEPS, length_penalty=length_penalty)
     assert tokens == single_tokens
     for a, b in zip(alphas, single_alphas):
         torch.testing.assert_close(a, b)
@@ -158,3 +160,53 @@ def test_hard_attention_and_deep_output_decode_batched_as_one_at_a_time(device, 
         other = copy.deepcopy(decoder)
         other.hard_read = "expectation" if hard_read == "argmax" else "argmax"
         assert other.beam_search(features, 28, 29, beam_size=beam_size, max_steps=12) != tokens
+
+
+def tutorial_beam_search(decoder, features, start, end, beam_size, max_steps, length_penalty=0.0):
+    """The tutorial's per-image search (sgrvinod's caption.py), written plainly for one image (1, P, E):
+    the k live sequences extend by their k best words; one that emits <end> is set aside and k shrinks
+    by one; it stops when k is 0 or after max_steps words. The best set-aside sequence wins, ranked by
+    its summed log-probability (divided by ((5 + length) / 6) ** length_penalty). None when none ended."""
+    k = beam_size
+    encoder_proj = decoder.project_encoder(features)  # (1, P, A)
+    h, c = decoder.init_hidden_state(features)  # (1, D) each
+    sequences, scores, complete = [[]], torch.zeros(1), []
+    for step in range(1, max_steps + 1):
+        words = torch.tensor([seq[-1] if seq else start for seq in sequences])  # (s,)
+        s = len(sequences)
+        h, c = decoder.step(features.expand(s, -1, -1), encoder_proj.expand(s, -1, -1),
+                            decoder.embedding(words), h, c)[:2]  # (s, D) each
+        candidates = scores.unsqueeze(1) + F.log_softmax(decoder.fc(h), dim=1)  # (s, V)
+        # At the first step every row is the same <start>: take the k best words of row 0.
+        top_scores, top = (candidates[0] if step == 1 else candidates.view(-1)).topk(k)  # (k,) each
+        parents, next_words = top // candidates.shape[1], top % candidates.shape[1]
+        new_sequences = [sequences[p] + [w] for p, w in zip(parents.tolist(), next_words.tolist())]
+        ended = [i for i, w in enumerate(next_words.tolist()) if w == end]
+        going = [i for i, w in enumerate(next_words.tolist()) if w != end]
+        complete += [(new_sequences[i][:-1], float(top_scores[i]), step) for i in ended]
+        k -= len(ended)
+        if k == 0:
+            break
+        sequences, scores = [new_sequences[i] for i in going], top_scores[going]
+        h, c = h[parents[going]], c[parents[going]]
+    if not complete:
+        return None
+    ranks = [score / ((5 + length) / 6) ** length_penalty for _, score, length in complete]
+    return complete[ranks.index(max(ranks))][0]
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_beam_search_returns_the_tutorials_caption_on_flat_word_distributions(trained, length_penalty):
+    decoder, features, start, end = trained
+    flat = copy.deepcopy(decoder)
+    with torch.no_grad():  # flatter word distributions: unfinished beams often outscore finished ones
+        flat.fc.weight.div_(4)
+        flat.fc.bias.div_(4)
+    steps = 30  # flatter distributions end later: room for most images to finish
+    tokens = flat.beam_search(features, start, end, beam_size=5, max_steps=steps, length_penalty=length_penalty)
+    with torch.no_grad():
+        expected = [tutorial_beam_search(flat, features[i:i + 1], start, end, 5, steps, length_penalty)
+                    for i in range(features.shape[0])]
+    compared = [(t, e) for t, e in zip(tokens, expected) if e is not None]  # where the tutorial returns one
+    assert len(compared) >= features.shape[0] // 4
+    assert [t for t, _ in compared] == [e for _, e in compared]

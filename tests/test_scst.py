@@ -1,0 +1,168 @@
+"""Self-critical training (scst.py): sampling, advantages, one update's direction, exact resume, and a
+tiny run whose reward rises. Runs start from the session's tiny cross-entropy model (trained_run)."""
+import csv
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+import scst
+from checkpoints import load_checkpoint, models_from_checkpoint
+from datasets import CaptionDataset
+
+
+def scst_args(trained_run, packed_data, out, *extra):
+    """scst.py arguments for a short run on the tiny packed set."""
+    return [str(a) for a in ["--checkpoint", trained_run / "best.pt", "--data-folder", packed_data,
+                             "--output-dir", out, "--workers", 0, "--batch-size", 8, "--steps-per-epoch", 2,
+                             "--epochs", 1, *extra]]
+
+
+def test_mean_baseline_advantages_of_an_image_sum_to_zero():
+    rewards = torch.rand(4 * 5)  # (B*S,)
+    advantage, baselines = scst.advantages(rewards, None, 5, "mean")
+    torch.testing.assert_close(advantage.view(4, 5).sum(dim=1), torch.zeros(4), atol=1e-6, rtol=0)
+    # Each sample is compared with the mean of the image's other four.
+    per_image = rewards.view(4, 5)
+    assert float(baselines[1]) == pytest.approx(float((per_image[0].sum() - per_image[0, 1]) / 4))
+    greedy = torch.tensor([0.5, 1.0, 0.0, 2.0])
+    advantage, _ = scst.advantages(rewards, greedy, 5, "greedy")
+    torch.testing.assert_close(advantage, rewards - greedy.repeat_interleave(5))
+
+
+def test_sampling_stops_at_end_and_at_the_length_cap():
+    torch.manual_seed(0)
+    decoder = models.DecoderWithAttention(vocab_size=12, encoder_dim=8, attention_dim=6, embed_dim=5,
+                                          decoder_dim=7, dropout=0.0)
+    features = torch.randn(6, 4, 8)
+    with torch.no_grad():
+        decoder.fc.bias[11] = 1.5  # <end> (11) likely enough that samples end at many lengths
+    words, log_probs, counted = scst.sample_captions(decoder, features, 10, 11, num_samples=4, max_length=9)
+    assert words.shape == log_probs.shape == counted.shape and words.shape[0] == 24 and words.shape[1] <= 9
+    for row, kept in zip(words.tolist(), counted.tolist()):
+        ended_before = [11 in row[:t] for t in range(len(row))]
+        assert kept == [not e for e in ended_before]  # words up to and including the first <end>
+    lengths = counted.sum(dim=1)
+    assert len(set(lengths.tolist())) > 2
+    assert log_probs.requires_grad and bool((log_probs <= 0).all())
+    with torch.no_grad():
+        decoder.fc.bias[11] = -1e4  # never ends: every sample runs to the cap
+    words, _, counted = scst.sample_captions(decoder, features, 10, 11, num_samples=2, max_length=9)
+    assert words.shape == (12, 9) and bool(counted.all())
+
+
+def caption_log_probs(decoder, features, rows, start_token):
+    """Summed log-probability of each token row (N, T), <end> included, given features (N, P, E):
+    the teacher-forced pass, in the decoder's current mode."""
+    start = torch.full((rows.shape[0], 1), start_token, dtype=torch.long)
+    captions = torch.cat([start, rows], dim=1)  # (N, T+1)
+    lengths = torch.full((rows.shape[0],), captions.shape[1])
+    scores, _, _ = decoder(features, captions, lengths)  # (N, T, V)
+    return F.log_softmax(scores, dim=2).gather(2, rows.unsqueeze(2)).squeeze(2).sum(dim=1)  # (N,)
+
+
+def fixed_samples(packed_data, word_map):
+    """Three 'samples' per image: the start of its first reference caption (clearly the best), and two
+    of <unk> only, which no reference has; token rows of equal length, each ending in <end>."""
+    dataset = CaptionDataset(packed_data, "train", per_image=True)
+    rows = {}
+    for i in range(len(dataset)):
+        _, captions, lengths, _ = dataset[i]
+        words = captions[0, 1:int(lengths[0]) - 1][:4].tolist()
+        words += [words[0]] * (4 - len(words))
+        unk, end = word_map["<unk>"], word_map["<end>"]
+        rows[i] = [words + [end], [unk] * 4 + [end], [unk] * 4 + [end]]
+    return rows
+
+
+def test_one_step_makes_the_best_sample_likelier_and_the_others_less_likely(trained_run, packed_data, tmp_path,
+                                                                            monkeypatch):
+    encoder, decoder, state = models_from_checkpoint(trained_run / "best.pt", torch.device("cpu"))
+    rows = fixed_samples(packed_data, state["word_map"])
+    batch_indices = []
+
+    def fixed_sampler(decoder, encoder_out, start, end, num_samples, max_length):
+        index = batch_indices[-1]
+        tokens = torch.tensor([r for i in index for r in rows[i]])  # (B*3, 5)
+        features = encoder_out.repeat_interleave(3, dim=0)  # (B*3, P, E)
+        scores, _, _ = decoder(features, torch.cat([torch.full((len(tokens), 1), start), tokens], 1),
+                               torch.full((len(tokens),), 6))
+        log_probs = F.log_softmax(scores, dim=2).gather(2, tokens.unsqueeze(2)).squeeze(2)  # (B*3, 5)
+        return tokens, log_probs, torch.ones_like(tokens, dtype=torch.bool)
+
+    step = scst.scst_step
+    monkeypatch.setattr(scst, "sample_captions", fixed_sampler)
+    monkeypatch.setattr(scst, "scst_step", lambda run, images, indices, *a: (
+        batch_indices.append(indices.tolist()), step(run, images, indices, *a))[1])
+    scst.main(scst_args(trained_run, packed_data, tmp_path, "--scst-samples", 3, "--scst-baseline", "mean",
+                        "--steps-per-epoch", 1, "--decoder-lr", 1e-3, "--seed", 1))
+    _, after, _ = models_from_checkpoint(tmp_path / "last.pt", torch.device("cpu"))
+    dataset = CaptionDataset(packed_data, "train", per_image=True)
+    index = batch_indices[0]
+    with torch.no_grad():
+        features = encoder(torch.stack([dataset[i][0] for i in index])).repeat_interleave(3, dim=0)
+        tokens = torch.tensor([r for i in index for r in rows[i]])
+        start = state["word_map"]["<start>"]
+        change = (caption_log_probs(after, features, tokens, start)
+                  - caption_log_probs(decoder, features, tokens, start)).view(-1, 3)  # (B, 3)
+    assert float(change[:, 0].mean()) > 0  # the reference-like caption, rewarded most
+    assert float(change[:, 1:].mean()) < 0  # the <unk> ones, rewarded 0
+    assert float(change[:, 0].mean()) > float(change[:, 1].mean()) and float(change[:, 0].mean()) > float(
+        change[:, 2].mean())
+
+
+def read_rows(path):
+    """metrics.csv rows without their timing."""
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_resume_mid_epoch_matches_an_uninterrupted_run(trained_run, packed_data, tmp_path, monkeypatch):
+    whole = scst_args(trained_run, packed_data, tmp_path / "whole", "--steps-per-epoch", 4, "--epochs", 2)
+    scst.main(whole)
+    # The same run, stopped by SIGTERM after its third step (mid-epoch), then resumed.
+    parts = scst_args(trained_run, packed_data, tmp_path / "parts", "--steps-per-epoch", 4, "--epochs", 2)
+    step, calls = scst.scst_step, []
+
+    def stopping_step(run, images, indices, number, stop):
+        calls.append(number)
+        if len(calls) == 3:
+            stop.signal = signal.SIGTERM
+        return step(run, images, indices, number, stop)
+
+    monkeypatch.setattr(scst, "scst_step", stopping_step)
+    with pytest.raises(SystemExit) as exit_info:
+        scst.main(parts)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert load_checkpoint(tmp_path / "parts" / "last.pt")["samples_done"] == 3 * 8
+    monkeypatch.undo()
+    scst.main(parts + ["--resume", str(tmp_path / "parts" / "last.pt")])
+    whole_state, parts_state = (load_checkpoint(tmp_path / d / "last.pt") for d in ("whole", "parts"))
+    for key, value in whole_state["decoder"].items():
+        torch.testing.assert_close(parts_state["decoder"][key], value, atol=0, rtol=0)
+    assert read_rows(tmp_path / "whole" / "metrics.csv") == read_rows(tmp_path / "parts" / "metrics.csv")
+    assert whole_state["cider"] == parts_state["cider"] and whole_state["scst"]
+
+
+def test_a_tiny_run_raises_the_training_reward_and_evaluates(trained_run, packed_data, tmp_path):
+    import eval as eval_script
+
+    history = scst.main(scst_args(trained_run, packed_data, tmp_path, "--epochs", 4, "--steps-per-epoch", 6,
+                                  "--batch-size", 16, "--decoder-lr", 1e-3))
+    rewards = [row["train_reward"] for row in history]
+    assert rewards[-1] > rewards[0] * 1.1, rewards
+    assert {"train_reward", "train_baseline", "val_decoded_cider"} <= history[0].keys()
+    best = max(history, key=lambda row: row["val_decoded_cider"])
+    assert load_checkpoint(tmp_path / "best.pt")["best_cider"] == best["val_decoded_cider"]
+    metrics = eval_script.main(["--checkpoint", str(tmp_path / "best.pt"), "--data-folder", str(packed_data),
+                                "--workers", "0", "--no-coco-metrics"])
+    assert metrics["images"] > 0
+
+
+def test_a_cross_entropy_checkpoint_cannot_be_resumed_as_scst(trained_run, packed_data, tmp_path, capsys):
+    from utils import UserError
+
+    with pytest.raises(UserError, match="not a checkpoint of scst.py"):
+        scst.main(scst_args(trained_run, packed_data, tmp_path, "--resume", trained_run / "best.pt"))
