@@ -1,7 +1,13 @@
 """Self-critical training (scst.py): sampling, advantages, one update's direction, exact resume, and a
 tiny run whose reward rises. Runs start from the session's tiny cross-entropy model (trained_run)."""
 import csv
+import json
+import math
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,8 @@ import models
 import scst
 from checkpoints import load_checkpoint, models_from_checkpoint
 from datasets import CaptionDataset
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def scst_args(trained_run, packed_data, out, *extra):
@@ -166,3 +174,22 @@ def test_a_cross_entropy_checkpoint_cannot_be_resumed_as_scst(trained_run, packe
 
     with pytest.raises(UserError, match="not a checkpoint of scst.py"):
         scst.main(scst_args(trained_run, packed_data, tmp_path, "--resume", trained_run / "best.pt"))
+
+
+def test_two_processes_under_torchrun_train_and_rank0_writes_one_run(trained_run, packed_data, tmp_path):
+    # Sampling does not go through a DDP forward, so scst.py averages the gradients itself: two gloo
+    # processes must run their steps together to the end, and only rank 0 writes the run's files.
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scst.py",
+               *scst_args(trained_run, packed_data, out, "--epochs", 2, "--steps-per-epoch", 3, "--batch-size", 2,
+                          "--scst-samples", 2)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert all(math.isfinite(float(r["train_reward"])) for r in rows)
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.pt", "last.pt", "metrics.csv"]
+    assert json.loads((out / "args.json").read_text())["world_size"] == 2
