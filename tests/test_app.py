@@ -26,7 +26,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 # The flags that keep Chromium from calling home: no background networking, updates, sync or QUIC.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-APP_INSTALL = "install the page's requirements: .venv/bin/pip install -r requirements-app.txt"
+APP_INSTALL = "needs the page's requirements: run these tests with `make test-app` (it installs them)"
 
 
 @pytest.fixture(scope="module")
