@@ -39,7 +39,7 @@ from beam_search import LENGTH_PENALTY_HELP
 from checkpoints import build_models, load_checkpoint, load_model_weights, set_rng_state
 from cider import CiderD, split_references
 from datasets import CaptionDataset, decode_tokens, read_word_map
-from utils import UserError, atomic_write, keep_freed_memory, run_main
+from utils import UserError, atomic_write, run_main
 
 EPOCH_SUMS = ("reward", "baseline", "samples")  # sums over the epoch's samples, for metrics.csv
 
@@ -370,14 +370,7 @@ def read_starting_point(args, word_map):
 
 def main(argv=None):
     """Self-critical training; returns the history of per-epoch metrics."""
-    args = parse_args(argv)
-    rank, world_size, device = train.setup_distributed(args.device)
-    keep_freed_memory(device)
-    try:
-        return train_scst(args, rank, world_size, device)
-    finally:
-        if world_size > 1:
-            torch_dist.destroy_process_group()
+    return train.launch(train_scst, parse_args(argv))
 
 
 def train_scst(args, rank, world_size, device):

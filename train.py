@@ -644,14 +644,20 @@ def epoch_summary(row, beam_size, improved):
 
 def main(argv=None):
     """Train; returns the history of per-epoch metrics."""
-    args = parse_args(argv)
+    return launch(train, parse_args(argv))
+
+
+def launch(run_fn, args):
+    """Start this process (torchrun's group when it launched us, the device, the allocator), then
+    return run_fn(args, rank, world_size, device); the process group is closed however it ends.
+    train.py's and scst.py's main both start here."""
     rank, world_size, device = setup_distributed(args.device)
     keep_freed_memory(device)
     if args.amp != "none" and device.type != "cuda" and rank == 0:
         print(f"note: --amp {args.amp} on {device.type}: torch's CPU autocast runs it; the speed and memory "
               "gains in README: Performance are CUDA's", file=sys.stderr)
     try:
-        return train(args, rank, world_size, device)
+        return run_fn(args, rank, world_size, device)
     finally:
         if world_size > 1:
             torch_dist.destroy_process_group()
