@@ -16,6 +16,7 @@ telemetry, update checks and the monitoring endpoint are turned off.
 """
 
 import argparse
+import copy
 import hashlib
 import os
 import shutil
@@ -34,10 +35,12 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from beam_search import LENGTH_PENALTY_HELP
 from caption import attention_figure, caption_image, known_objects
 from checkpoints import check_word_maps_match, models_from_checkpoint
 from datasets import meta_file
-from utils import UserError, read_json, resolve_device, run_main
+from models import HARD_READS
+from utils import UserError, read_json, release_freed_memory, resolve_device, run_main
 
 # Set before Gradio is imported, since it reads them then: no usage reports, no version check against
 # its servers, no Hugging Face Hub calls, no server-side rendering (which would need Node).
@@ -94,6 +97,7 @@ class Result:
     pixels: np.ndarray  # (3, S, S) uint8: the image as the model saw it
     objects: list  # the dataset's object boxes for this image, or []
     note: str = ""  # something the user should know about the input (a tiny image)
+    mark_cells: bool = False  # a hard model that read one cell per word: the views mark that cell
 
     @property
     def caption(self):
@@ -147,6 +151,11 @@ class Captioner:
         self.device = device
         self.max_steps = max_steps
         self.encoder, self.decoder, self.state = models_from_checkpoint(checkpoint, device)
+        # What a hard model reads is an attribute of the decoder, and requests run at once: each choice
+        # gets its own shallow copy of the decoder, which shares the parameters and differs in hard_read.
+        self.decoders = {read: copy.copy(self.decoder) for read in HARD_READS}
+        for read, decoder in self.decoders.items():
+            decoder.hard_read = read
         self.objects = {}
         if data_folder is not None:
             check_word_maps_match(self.state["word_map"], data_folder, checkpoint)
@@ -159,20 +168,32 @@ class Captioner:
         """Side of the attention grid: P = grid * grid."""
         return self.encoder.encoded_size
 
-    def caption(self, path, beam_size):
-        """Caption an image file exactly as caption.py does; UserError (naming the file) when it cannot."""
+    @property
+    def hard(self):
+        """Whether the model reads one cell per word (hard attention)."""
+        return self.decoder.attention_type == "hard"
+
+    def caption(self, path, beam_size, length_penalty=0.0, hard_read="argmax"):
+        """Caption an image file exactly as caption.py does with these flags; UserError (naming the
+        file) when it cannot. hard_read matters for hard-attention models only, as in caption.py."""
         path = Path(path)
-        words, alphas, pixels = caption_image(self.encoder, self.decoder, self.state["word_map"], path,
-                                              self.state["image_size"], beam_size, self.max_steps, self.device)
+        try:
+            words, alphas, pixels = caption_image(self.encoder, self.decoders[hard_read], self.state["word_map"],
+                                                  path, self.state["image_size"], beam_size, self.max_steps,
+                                                  self.device, length_penalty)
+        finally:
+            release_freed_memory()  # the decoded photo's pages, whichever worker thread decoded it
         return Result(name=path.name, words=words, alphas=alphas.cpu(), pixels=pixels,
-                      objects=self.objects.get(file_digest(path), []), note=image_side_note(path))
+                      objects=self.objects.get(file_digest(path), []), note=image_side_note(path),
+                      mark_cells=self.hard and hard_read == "argmax")
 
     def figure(self, result):
         """Write caption.py's attention figure for `result` to a fresh file; returns its path."""
         self._delete_old_figures()
         out = self.figure_dir / uuid.uuid4().hex / f"{Path(result.name).stem}_attention.png"
         with self._figure_lock:
-            attention_figure(result.pixels, result.words, result.alphas, self.grid, out, result.objects or None)
+            attention_figure(result.pixels, result.words, result.alphas, self.grid, out, result.objects or None,
+                             result.mark_cells)
         return out
 
     def _delete_old_figures(self):
@@ -187,20 +208,42 @@ def attention_view(result, step, side=DISPLAY_SIDE):
     """The image with word `step`'s attention laid over it, as one panel of caption.py's figure.
 
     Returns (side, side, 3) uint8: the attention map upsampled bilinearly, scaled to its peak, and
-    drawn in grey at 65% opacity over the image, with the object boxes in green.
+    drawn in grey at 65% opacity over the image, with the object boxes in green. For a hard model
+    reading one cell per word (`result.mark_cells`), that cell is marked in cyan instead.
     """
     image = Image.fromarray(result.pixels.transpose(1, 2, 0)).resize((side, side), Image.Resampling.BICUBIC)
     grid = int(round(result.alphas.shape[1] ** 0.5))
+    if result.mark_cells:
+        return np.asarray(marked_cell_view(image, int(result.alphas[step].argmax()), grid, result.objects))
     attention = result.alphas[step].float().view(1, 1, grid, grid)  # (1, 1, grid, grid)
     upsampled = torch.nn.functional.interpolate(attention, size=(side, side), mode="bilinear",
                                                 align_corners=False)[0, 0].numpy()  # (side, side)
     upsampled = upsampled / max(upsampled.max(), 1e-12)
     blended = 0.35 * np.asarray(image, dtype=np.float32) + 0.65 * 255.0 * upsampled[..., None]  # (side, side, 3)
     view = Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(view)
-    for obj in result.objects:
-        draw.rectangle([v * side for v in obj["bbox"]], outline=(0, 255, 0), width=2)
+    draw_boxes(view, result.objects)
     return np.asarray(view)
+
+
+def marked_cell_view(image, cell, grid, objects):
+    """`image` (PIL, side x side) with grid cell `cell` (row-major) tinted and outlined in cyan, as
+    caption.py's figure marks the cell a hard model read, and the object boxes in green."""
+    side = image.size[0]
+    row, col = divmod(cell, grid)
+    box = [col * side / grid, row * side / grid, (col + 1) * side / grid, (row + 1) * side / grid]
+    tint = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    ImageDraw.Draw(tint).rectangle(box, fill=(0, 255, 255, 90))
+    view = Image.alpha_composite(image.convert("RGBA"), tint).convert("RGB")
+    ImageDraw.Draw(view).rectangle(box, outline=(0, 255, 255), width=3)
+    draw_boxes(view, objects)
+    return view
+
+
+def draw_boxes(view, objects):
+    """Draw the objects' normalised boxes on the square PIL image `view`, in green."""
+    draw = ImageDraw.Draw(view)
+    for obj in objects:
+        draw.rectangle([v * view.size[0] for v in obj["bbox"]], outline=(0, 255, 0), width=2)
 
 
 def friendly_error(exc, path):
@@ -238,20 +281,28 @@ def word_label(result, step):
 def page_handlers(gr, captioner, max_beam_size):
     """The page's three actions as functions of its inputs; each returns gr updates for its outputs."""
 
-    def caption(path, beam_size):
-        """Upload (or example, or beam size) -> status, caption, words, attention view, label, state, figure."""
+    def caption(path, beam_size, length_penalty=0.0, hard_read="argmax"):
+        """Upload (or example, or a decoding setting) -> status, caption, words, attention view, label,
+        state, figure."""
         cleared = (gr.update(choices=[], value=None), None, "", None, None)
         if not path:
             return ("Drop an image above, or pick an example.", "", *cleared)
         if not (isinstance(beam_size, (int, float)) and 1 <= int(beam_size) <= max_beam_size):
             return (f"Beam size must be between 1 and {max_beam_size}.", "", *cleared)
+        if not (isinstance(length_penalty, (int, float)) and 0 <= length_penalty < float("inf")):
+            return ("The length penalty must be a number, 0 or more.", "", *cleared)
+        if hard_read not in HARD_READS:
+            return (f"What a hard model reads must be one of {', '.join(HARD_READS)}.", "", *cleared)
         try:
-            result = captioner.caption(path, int(beam_size))
+            result = captioner.caption(path, int(beam_size), float(length_penalty), hard_read)
         except Exception as exc:  # anything at all: the page shows a message and stays usable
             return (friendly_error(exc, path), "", *cleared)
         if not result.words:
             return (f"{result.name}: the model wrote an empty caption.", "", *cleared)
-        status = result.note or f"{result.name}, beam size {int(beam_size)}."
+        settings = f"beam size {int(beam_size)}" + (f", length penalty {length_penalty:g}" if length_penalty else "")
+        if captioner.hard:
+            settings += f", reading {'the most likely cell' if hard_read == 'argmax' else 'the expectation'}"
+        status = result.note or f"{result.name}, {settings}."
         return (status, result.caption, gr.update(choices=word_choices(result), value=0),
                 attention_view(result, 0), word_label(result, 0), result, None)
 
@@ -287,8 +338,14 @@ def build_page(captioner, examples=(), beam_size=3, max_beam_size=10):
                 beam = gr.Slider(1, max_beam_size, value=beam_size, step=1, label="Beam size (1 is greedy)",
                                  elem_id="beam")
                 with gr.Accordion("More decoding settings", open=False):
-                    # Decoding options go here as the model gains them, each passed on to caption_image.
-                    gr.Markdown("Length penalty and the attention kind (soft or hard) are not in the model yet.")
+                    # caption.py's --length-penalty and --hard-read, passed on to caption_image as they are.
+                    penalty = gr.Number(0.0, minimum=0, step=0.1, label="Length penalty (0 is none)",
+                                        info=LENGTH_PENALTY_HELP, elem_id="length-penalty")
+                    hard_read = gr.Radio(list(HARD_READS), value="argmax", visible=captioner.hard,
+                                         label="What the hard-attention model reads at each word",
+                                         info="argmax: the most likely cell, marked on the image; "
+                                              "expectation: the attention-weighted mean, drawn as a map",
+                                         elem_id="hard-read")
                 status = gr.Markdown(elem_id="status")
             with gr.Column():
                 caption_box = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
@@ -299,10 +356,14 @@ def build_page(captioner, examples=(), beam_size=3, max_beam_size=10):
                 make_figure = gr.Button("Make the figure caption.py draws (PNG)", elem_id="make-figure")
                 figure_file = gr.File(label="Figure", interactive=False, elem_id="figure")
         outputs = [status, caption_box, words, view, label, result, figure_file]
-        # A new image (uploaded or picked) or a new beam size captions again; "/caption" is the
-        # endpoint scripts call (gradio_client: predict(handle_file(path), beam_size, api_name="/caption")).
-        upload.change(caption, [upload, beam], outputs, api_name="caption")
-        beam.release(caption, [upload, beam], outputs, api_name=False)
+        # A new image (uploaded or picked) or a new decoding setting captions again; "/caption" is the
+        # endpoint scripts call (gradio_client: predict(handle_file(path), beam_size, length_penalty,
+        # hard_read, api_name="/caption")).
+        settings = [upload, beam, penalty, hard_read]
+        upload.change(caption, settings, outputs, api_name="caption")
+        beam.release(caption, settings, outputs, api_name=False)
+        penalty.submit(caption, settings, outputs, api_name=False)
+        hard_read.input(caption, settings, outputs, api_name=False)
         words.input(show_word, [words, result], [view, label], api_name="word")
         make_figure.click(figure, [result], [figure_file], api_name="figure")
     return page

@@ -103,18 +103,18 @@ def request_images(data_folder, folder):
     return tests + [big]
 
 
-def send(address, images, count, offset, users, beam_size, expected, desc):
-    """`count` requests from `users` clients at once; returns (seconds per request, wrong answers)."""
-    from gradio_client import Client, handle_file
+def send(clients, images, count, offset, beam_size, expected, desc):
+    """`count` requests from the clients (users) at once; returns (seconds per request, wrong answers)."""
+    from gradio_client import handle_file
 
-    clients = [Client(address, verbose=False) for _ in range(users)]
+    users = len(clients)
     lock, seconds, wrong = threading.Lock(), [], []
     bar = tqdm(total=count, desc=desc, file=sys.stderr)
 
     def one(i):
         client, image = clients[i % users], images[(offset + i) % len(images)]
         start = time.perf_counter()
-        status, text, *_ = client.predict(handle_file(str(image)), beam_size, api_name="/caption")
+        status, text, *_ = client.predict(handle_file(str(image)), beam_size, 0.0, "argmax", api_name="/caption")
         client.predict(1, api_name="/word")
         if i % 10 == 0:
             client.predict(api_name="/figure")
@@ -142,14 +142,18 @@ def main(argv=None):
         reference = Captioner(args.checkpoint, torch.device("cpu"))  # the answers, computed here
         expected = {image: reference.caption(image, args.beam_size).caption for image in images}
         with serving(args.checkpoint, args.data_folder) as (address, process):
+            from gradio_client import Client
+
             start_rss = rss_mib(process.pid)[0]
-            send(address, images, args.warmup, 0, args.users, args.beam_size, expected, "warm-up")
+            # The same users all along: each new client is a session whose state the page keeps for an hour.
+            clients = [Client(address, verbose=False) for _ in range(args.users)]
+            send(clients, images, args.warmup, 0, args.beam_size, expected, "warm-up")
             before = rss_mib(process.pid)
             seconds, wrong, readings = [], [], []
             for done in range(0, args.requests, args.reading_every):
                 count = min(args.reading_every, args.requests - done)
-                chunk_seconds, chunk_wrong = send(address, images, count, args.warmup + done, args.users,
-                                                  args.beam_size, expected, f"requests {done + 1}-{done + count}")
+                chunk_seconds, chunk_wrong = send(clients, images, count, args.warmup + done, args.beam_size,
+                                                  expected, f"requests {done + 1}-{done + count}")
                 seconds, wrong = seconds + chunk_seconds, wrong + chunk_wrong
                 readings.append(f"{rss_mib(process.pid)[0]:.0f}")
             after = rss_mib(process.pid)

@@ -86,6 +86,19 @@ def keep_freed_memory(device):
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
+
+def release_freed_memory():
+    """Hand the memory glibc holds freed back to the system (malloc_trim), in every thread's arena.
+
+    For a long-running server (app.py): its requests run in a pool of threads, each of which gets a
+    glibc arena of its own, and a large image decoded in one of them leaves that arena holding the
+    freed pages. Returns False where glibc's malloc_trim is missing (macOS, musl).
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
 # ----------------------------------------------------------------------------------------------
 # Images
 

@@ -4,7 +4,6 @@ get their own results, and a real browser (headless Chromium) drives the page.
 The first tests need only the project's requirements; those that serve the page need Gradio, and the
 browser test needs Playwright (both in requirements-app.txt) and Debian's chromium package.
 """
-import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -62,10 +61,21 @@ def bad_files(images, tmp_path_factory):
             "truncated.jpg": good[:len(good) // 2], "fake.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 40}
 
 
-def caption_py_line(trained_run, path, beam_size, capsys):
-    """What `caption.py --img path --beam-size N` prints for the image."""
+@pytest.fixture(scope="module")
+def hard_checkpoint(trained_run, tmp_path_factory):
+    """The tiny checkpoint as a hard-attention model: the same weights, since hard attention has no others."""
+    state = torch.load(trained_run / "best.pt", weights_only=True)
+    state["args"]["attention"] = "hard"
+    path = tmp_path_factory.mktemp("hard") / "best.pt"
+    torch.save(state, path)
+    return path
+
+
+def caption_py_line(trained_run, path, beam_size, capsys, *flags, checkpoint=None):
+    """What `caption.py --img path --beam-size N [flags]` prints for the image."""
     capsys.readouterr()
-    caption.main(["--img", str(path), "--checkpoint", str(trained_run / "best.pt"), "--beam-size", str(beam_size)])
+    checkpoint = checkpoint or trained_run / "best.pt"
+    caption.main(["--img", str(path), "--checkpoint", str(checkpoint), "--beam-size", str(beam_size), *flags])
     return capsys.readouterr().out.strip()
 
 # ----------------------------------------------------------------------------------------------
@@ -78,6 +88,41 @@ def test_page_caption_is_caption_py_s_character_for_character(captioner, trained
         result = captioner.caption(images[kind], beam_size)
         assert result.words and result.alphas.shape == (len(result.words), captioner.grid ** 2)
         assert caption_py_line(trained_run, images[kind], beam_size, capsys) == f"{images[kind]}: {result.caption}"
+
+
+def test_the_length_penalty_gives_caption_py_s_caption(captioner, trained_run, images, capsys):
+    for penalty in (0.5, 2.0):
+        result = captioner.caption(images["copy"], 3, length_penalty=penalty)
+        line = caption_py_line(trained_run, images["copy"], 3, capsys, "--length-penalty", str(penalty))
+        assert line == f"{images['copy']}: {result.caption}"
+
+
+@pytest.mark.parametrize("hard_read", ["argmax", "expectation"])
+def test_a_hard_model_s_page_caption_view_and_figure_are_caption_py_s(hard_checkpoint, trained_run, images,
+                                                                      hard_read, capsys, tmp_path):
+    hard = app.Captioner(hard_checkpoint, torch.device("cpu"))
+    assert hard.hard and hard.decoder.hard_read == "argmax"  # the shared decoder is never switched
+    result = hard.caption(images["copy"], 3, hard_read=hard_read)
+    line = caption_py_line(trained_run, images["copy"], 3, capsys, "--hard-read", hard_read, checkpoint=hard_checkpoint)
+    assert line == f"{images['copy']}: {result.caption}"
+    assert result.mark_cells == (hard_read == "argmax")
+    # The view marks the cell read (the argmax) in cyan, and only that cell; the expectation is a map.
+    view = app.attention_view(result, 1).astype(int)
+    cyan = (view == (0, 255, 255)).all(axis=-1)  # the outline's pixels
+    cell = app.DISPLAY_SIDE // hard.grid
+    row, col = divmod(int(result.alphas[1].argmax()), hard.grid)
+    if hard_read == "argmax":
+        inside = np.zeros_like(cyan)
+        inside[row * cell:(row + 1) * cell + 1, col * cell:(col + 1) * cell + 1] = True
+        assert cyan[row * cell + 1, col * cell + 2:(col + 1) * cell - 2].all() and not cyan[~inside].any()
+        greenish = view[..., 1] - view[..., 0]  # the cyan tint raises green over red inside the cell
+        assert greenish[inside & ~cyan].mean() > greenish[~inside].mean() + 30
+    else:
+        assert not cyan.any()
+    offered = hard.figure(result)
+    caption.main(["--img", str(images["copy"]), "--checkpoint", str(hard_checkpoint), "--beam-size", "3",
+                  "--hard-read", hard_read, "--out", str(tmp_path / "fig.png")])
+    assert offered.read_bytes() == (tmp_path / "fig.png").read_bytes()
 
 
 def test_bad_files_raise_one_sentence_naming_the_upload_not_the_server_path(captioner, bad_files, tmp_path):
@@ -144,6 +189,8 @@ def test_the_page_handler_shows_a_message_and_clears_the_results_for_bad_input(c
         status, text, words, view, label, state, _ = caption_fn(str(tmp_path / name), 3)
         assert status.startswith(f"{name}: ") and text == "" and view is None and state is None
     assert "between 1 and 10" in caption_fn(str(images["copy"]), 11)[0]
+    assert "0 or more" in caption_fn(str(images["copy"]), 3, -1.0)[0]
+    assert "one of argmax, expectation" in caption_fn(str(images["copy"]), 3, 0.0, "sample")[0]
     assert show_word(0, None) == (None, "") and figure(None) is None
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +214,7 @@ def test_four_users_at_once_each_get_their_own_caption(server, captioner, images
 
     def one_user(kind):
         client = Client(server, verbose=False)
-        status, text, *_ = client.predict(handle_file(str(images[kind])), 3, api_name="/caption")
+        status, text, *_ = client.predict(handle_file(str(images[kind])), 3, 0.0, "argmax", api_name="/caption")
         word_label = client.predict(1, api_name="/word")[1]
         return kind, status, text, word_label
 
