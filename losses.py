@@ -105,7 +105,9 @@ def hard_attention_terms(scores, captions, decode_lengths, alphas, locations, ba
     chosen = alphas.gather(2, locations.clamp(min=0).unsqueeze(2)).squeeze(2)  # (B, T), alpha of each cell read
     # log p(s | a) of each caption: the sampled steps' log alpha (a sampled cell has alpha > 0).
     location_log_probs = torch.where(sampled, chosen.clamp(min=1e-30).log(), 0.0).sum(dim=1)  # (B,)
-    entropies = -torch.special.xlogy(alphas, alphas).sum(dim=2)  # (B, T); xlogy: 0 log 0 = 0
+    # alpha log alpha, 0 where alpha is 0 (a map after a caption's end, or an underflow), with a finite
+    # gradient there too: xlogy's would be -inf, and times the zero weight of an unsampled step, NaN.
+    entropies = -(alphas * alphas.clamp(min=torch.finfo(alphas.dtype).tiny).log()).sum(dim=2)  # (B, T)
     entropy = torch.where(sampled, entropies, 0.0).sum(dim=1)  # (B,)
     words = decode_lengths.sum().clamp(min=1)
     objective = reinforce_weight * (rewards - baseline) * location_log_probs + entropy_weight * entropy  # (B,)

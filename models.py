@@ -311,31 +311,16 @@ class DecoderWithAttention(nn.Module):
         hidden = torch.tanh(embeddings + self.deep_h(self.dropout(h)) + self.deep_z(context))  # (N, M)
         return self.fc(self.dropout(hidden))
 
-    def _features_per_caption(self, encoder_out, order, image_index):
-        """The features and their attention projection for each caption, in length-sorted `order`.
-
-        Eq. 4's term of the features does not depend on the step: it is projected once per batch,
-        not per step, and with `image_index` once per image, not per caption. Either way each
-        caption then gets its own rows (a row copy, not indexing per element), which the step loop
-        slices as captions end.
-        Returns encoder_out (B, P, E) and encoder_proj (B, P, A), row b for the b-th sorted caption.
-        """
-        if image_index is None:
-            encoder_out = encoder_out.index_select(0, order)  # (B, P, E)
-            return encoder_out, self.project_encoder(encoder_out)  # (B, P, E), (B, P, A)
-        rows = image_index[order]  # (B,) the image of each sorted caption
-        encoder_proj = self.project_encoder(encoder_out)  # (n, P, A): once per image
-        return encoder_out.index_select(0, rows), encoder_proj.index_select(0, rows)  # (B, P, E), (B, P, A)
-
-    def forward(self, encoder_out, captions, caption_lengths, image_index=None, return_locations=False):
+    def forward(self, encoder_out, captions, caption_lengths, captions_per_image=1, return_locations=False):
         """Teacher-forced decoding.
 
         Args:
-            encoder_out: (B, P, E) float; with `image_index`, (n, P, E) for n images.
-            captions: (B, L) long, `<start> w1 ... wn <end> <pad>...`.
+            encoder_out: (n, P, E) float, the features of n images.
+            captions: (B, L) long, `<start> w1 ... wn <end> <pad>...`, B = n * K: image i's K captions
+                are rows i*K .. i*K+K-1 (K = captions_per_image; train.py's default is 1).
             caption_lengths: (B,) long, tokens including `<start>` and `<end>`.
-            image_index: optional (B,) long, caption b's row of encoder_out, so that an image's K
-                captions share one encoder pass and attention projection (None: row b).
+            captions_per_image: K. An image's K captions share its features and their attention
+                projection: no copy of either per caption.
             return_locations: also return the cells a hard model read.
         Returns:
             scores (B, T, V) float for predicting captions[:, 1:T+1] with T = max(decode_lengths)
@@ -344,18 +329,23 @@ class DecoderWithAttention(nn.Module):
             return_locations, also locations (B, T) long: the cell each step read, -1 at padded steps,
             with soft attention, and in the captions that read the expectation.
         """
-        batch_size, num_pixels = captions.shape[0], encoder_out.shape[1]
+        num_images, num_pixels = encoder_out.shape[:2]
+        batch_size, per_image = captions.shape[0], captions_per_image
         decode_lengths = caption_lengths - 1  # (B,)
         max_steps = int(decode_lengths.max())
 
-        # Sorted by length, the captions still going at step t are the first batch_size_t rows.
-        decode_lengths_sorted, order = decode_lengths.sort(descending=True)  # (B,) each
+        # An image's K captions step together until its longest ends. Sorted by that length, the
+        # images still going at step t are the first n_t, and their captions the first n_t * K rows.
+        image_lengths, image_order = decode_lengths.view(num_images, per_image).amax(dim=1).sort(descending=True)
+        first_rows = image_order.unsqueeze(1) * per_image  # (n, 1): each image's first caption row
+        order = (first_rows + torch.arange(per_image, device=captions.device)).view(-1)  # (B,) decoding order
         steps = torch.arange(max_steps, device=decode_lengths.device)  # (T,)
-        real = steps < decode_lengths_sorted.unsqueeze(1)  # (B, T), False at padded steps
-        batch_size_per_step = real.sum(0).tolist()  # T ints, read once rather than at every step
+        real = steps < decode_lengths[order].unsqueeze(1)  # (B, T), False at padded steps
+        images_per_step = (steps < image_lengths.unsqueeze(1)).sum(0).tolist()  # T ints, read once
         embeddings = self.embedding(captions[order, :max_steps])  # (B, T, M)
-        encoder_out, encoder_proj = self._features_per_caption(encoder_out, order, image_index)
-        h, c = self.init_hidden_state(encoder_out)  # (B, D) each
+        encoder_out = encoder_out.index_select(0, image_order)  # (n, P, E)
+        encoder_proj = self.project_encoder(encoder_out)  # (n, P, A): once per batch, not per step
+        h, c = (state.repeat_interleave(per_image, dim=0) for state in self.init_hidden_state(encoder_out))  # (B, D)
         read_expectation = self.captions_reading_expectation(batch_size, encoder_out.device)  # (B,) or None
 
         hiddens = encoder_out.new_zeros(batch_size, max_steps, h.shape[1])  # (B, T, D)
@@ -363,20 +353,24 @@ class DecoderWithAttention(nn.Module):
         locations = torch.full((batch_size, max_steps), -1, dtype=torch.long, device=encoder_out.device)  # (B, T)
         # Eq. 7 reads each step's context too; the linear output layer keeps none.
         contexts = encoder_out.new_zeros(batch_size, max_steps, self.encoder_dim if self.deep_output else 0)
-        for t, batch_size_t in enumerate(batch_size_per_step):
-            # Sliced only when captions end: the backward of each slice zero-fills a gradient of the
-            # whole (B, P, E), and the first steps all run the whole batch.
-            if batch_size_t < encoder_out.shape[0]:  # (B_t, P, E), (B_t, P, A)
-                encoder_out, encoder_proj = encoder_out[:batch_size_t], encoder_proj[:batch_size_t]
+        for t, images_t in enumerate(images_per_step):
+            rows_t = images_t * per_image  # B_t
+            # Sliced only when images end: the backward of each slice zero-fills a gradient of the
+            # whole (n, P, E), and the first steps all run the whole batch.
+            if images_t < encoder_out.shape[0]:  # (n_t, P, E), (n_t, P, A)
+                encoder_out, encoder_proj = encoder_out[:images_t], encoder_proj[:images_t]
             h, c, alpha, context, location = self.step(  # (B_t, D), (B_t, D), (B_t, P), (B_t, E), (B_t,) or None
-                encoder_out, encoder_proj, embeddings[:batch_size_t, t], h[:batch_size_t], c[:batch_size_t],
-                None if read_expectation is None else read_expectation[:batch_size_t])
-            hiddens[:batch_size_t, t] = h
-            alphas[:batch_size_t, t] = alpha
+                encoder_out, encoder_proj, embeddings[:rows_t, t], h[:rows_t], c[:rows_t],
+                None if read_expectation is None else read_expectation[:rows_t])
+            hiddens[:rows_t, t] = h
+            alphas[:rows_t, t] = alpha
             if self.deep_output:
-                contexts[:batch_size_t, t] = context
+                contexts[:rows_t, t] = context
             if location is not None:
-                locations[:batch_size_t, t] = location
+                locations[:rows_t, t] = location
+        # A caption shorter than its image's longest also stepped past its end: keep its real steps only.
+        alphas = torch.where(real.unsqueeze(2), alphas, 0.0)  # (B, T, P)
+        locations = locations.masked_fill(~real, -1)  # (B, T)
 
         # The output layer once after the loop, on the real steps only: in a batch with one long
         # caption most of (B, T) is padding, and the output layer is the decoder's biggest matmul.
@@ -391,7 +385,7 @@ class DecoderWithAttention(nn.Module):
     def captions_reading_expectation(self, batch_size, device):
         """Hard attention in training: which captions read the expectation this batch, each with
         probability hard_expectation_prob (B,) bool; None otherwise. Drawn per caption, the paper's
-        "for a given image"; the rows are already length-sorted, and each draw is independent."""
+        "for a given image"; the rows are already sorted, and each draw is independent."""
         if self.attention_type != "hard" or not self.training:
             return None
         return torch.rand(batch_size, device=device) < self.hard_expectation_prob

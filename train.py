@@ -411,9 +411,9 @@ class TrainingDiverged(UserError):
                    f"{keeps}{hint}")
 
 
-def train_step(run, images, captions, lengths, step, stop, image_index=None):
-    """One teacher-forced optimisation step on images (n, 3, S, S) and captions (B, L), lengths (B,);
-    `image_index` (B,) names each caption's image when an image has several (see `caption_rows`).
+def train_step(run, images, captions, lengths, step, stop, captions_per_image=1):
+    """One teacher-forced optimisation step on images (n, 3, S, S) and captions (B, L), lengths (B,),
+    B = n * K with an image's K = `captions_per_image` captions in consecutive rows (see `caption_rows`).
     Returns (loss, real-word scores (N, V) and targets (N,), whether any process was asked to stop).
     Raises TrainingDiverged instead of applying an update that is not finite."""
     args, optimizers = run.args, run.active_optimizers()
@@ -422,7 +422,7 @@ def train_step(run, images, captions, lengths, step, stop, image_index=None):
     hard = args.attention == "hard"
     with autocast(run.device, args.amp):
         scores, alphas, decode_lengths, *locations = run.decoder(run.encoder(images), captions, lengths,
-                                                                 image_index, return_locations=hard)
+                                                                 captions_per_image, return_locations=hard)
         loss, real_scores, real_targets = caption_loss(scores, captions, decode_lengths, alphas, args.alpha_c)
         objective, reward_sum, sampled = loss, 0.0, 0
         if hard:  # REINFORCE and the entropy bonus: gradients, but not part of the reported loss
@@ -462,18 +462,17 @@ def train_step(run, images, captions, lengths, step, stop, image_index=None):
     return loss, real_scores, real_targets, bool(stop_flag)
 
 
-def caption_rows(images, captions, lengths):
+def caption_rows(captions, lengths):
     """A training batch as the decoder takes it: one row per caption, and the image of each.
 
     A batch of groups, n images with K captions each (n, K, L) and (n, K), becomes n*K rows
-    (n*K, L) and (n*K,), the K of an image consecutive, with image_index (n*K,) long; a batch of
-    one caption per image, (B, L) and (B,), stays as it is, with image_index None.
+    (n*K, L) and (n*K,), the K of an image consecutive, and K; a batch of one caption per image,
+    (B, L) and (B,), stays as it is, with K = 1.
     """
     if captions.dim() == 2:
-        return captions, lengths, None
+        return captions, lengths, 1
     groups, per_image, length = captions.shape
-    image_index = torch.arange(groups, device=images.device).repeat_interleave(per_image)  # (n*K,)
-    return captions.view(groups * per_image, length), lengths.view(-1), image_index  # (n*K, L), (n*K,)
+    return captions.view(groups * per_image, length), lengths.view(-1), per_image  # (n*K, L), (n*K,), K
 
 
 def train_one_epoch(run, loader, stop, show_progress=True, on_step=None):
@@ -495,9 +494,9 @@ def train_one_epoch(run, loader, stop, show_progress=True, on_step=None):
         images = images.to(run.device, non_blocking=True)
         captions = captions.to(run.device, non_blocking=True)
         lengths = lengths.to(run.device, non_blocking=True)
-        captions, lengths, image_index = caption_rows(images, captions, lengths)
+        captions, lengths, per_image = caption_rows(captions, lengths)
         loss, real_scores, real_targets, stopped = train_step(run, images, captions, lengths, step, stop,
-                                                              image_index)
+                                                              per_image)
 
         progress.samples_done += captions.shape[0] * run.world_size
         words = real_targets.numel()

@@ -263,3 +263,20 @@ def test_a_time_limit_sigterm_saves_last_pt_and_torchrun_exits_1(tiny_data, tmp_
     assert f"stopped by signal {int(signal.SIGTERM)}; saved {out / 'last.pt'}" in stderr
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["samples_done"] > 0 or state["epoch"] > 0
+
+
+def test_hard_attention_with_the_deep_output_layer_trains_alike_on_two_processes(tiny_data, tmp_path):
+    # The cells are sampled on each process from its own captions, but the baseline is updated from
+    # all processes' log-likelihoods: the weights, the baseline and every metric stay equal on both.
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    dump.mkdir()
+    wait_all([launch(["--standalone", "--nproc_per_node=2"], ["--dump", str(dump)],
+                     ["--data-folder", str(tiny_data), "--output-dir", str(out), "--epochs", "1", *FINE_TUNED,
+                      "--attention", "hard", "--output-layer", "deep",
+                      "--captions-per-image-per-step", "5", "--batch-size", "10"],
+                     dump / "torchrun.log")])
+    dumps = read_dumps(dump)
+    assert_same_state(dumps[0]["state"], dumps[1]["state"])
+    assert without_seconds(dumps[0]["history"]) == without_seconds(dumps[1]["history"])
+    baseline = float(dumps[0]["history"][0]["hard_baseline"])
+    assert baseline < 0 and baseline == torch.load(out / "last.pt", weights_only=True)["hard_baseline"]

@@ -3,6 +3,7 @@ split sizes that cannot be met, a resumed run with nothing left, devices that ar
 the figures written to metrics.csv. Each test is one rough edge and its fix."""
 import csv
 import json
+import math
 import re
 import subprocess
 import sys
@@ -181,8 +182,10 @@ def test_a_device_that_is_not_there_is_one_sentence_in_every_script(flag, data, 
         assert_one_line_error(message, prog, f"--device {flag}", "this machine has: cpu")
 
 
-def test_amp_on_the_cpu_says_it_runs_under_cpu_autocast(data, tmp_path, capsys):
-    assert train.main(train_argv(data, tmp_path / "run", "--amp", "bf16"))
+@pytest.mark.parametrize("model", [[], ["--attention", "hard", "--output-layer", "deep"]], ids=["soft", "hard-deep"])
+def test_amp_on_the_cpu_says_it_runs_under_cpu_autocast(data, tmp_path, capsys, model):
+    history = train.main(train_argv(data, tmp_path / "run", "--amp", "bf16", *model))
+    assert history and all(math.isfinite(row["train_loss"]) for row in history)
     assert "note: --amp bf16 on cpu: torch's CPU autocast runs it" in capsys.readouterr().err
 
 

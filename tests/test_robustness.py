@@ -133,6 +133,9 @@ def data(raw, tmp_path_factory):
     return out
 
 
+HARD_DEEP = ["--attention", "hard", "--output-layer", "deep"]  # the model options beside the defaults
+
+
 def train_argv(data, out, *extra, epochs=1, batch=16):
     argv = ["--data-folder", data, "--output-dir", out, "--epochs", epochs, "--batch-size", batch,
             "--decoder-lr", "3e-3", "--encoder-lr", "1e-3", *TINY32, *extra]
@@ -479,9 +482,11 @@ def sigterm_at_training_step(monkeypatch, step):
     monkeypatch.setattr(train, "top5_correct", top5_then_signal)
 
 
-def test_grouped_steps_stop_on_sigterm_mid_epoch_and_resume_exactly(data, tmp_path, monkeypatch):
-    # 32 train images x 5 captions in steps of 2 images x 5 captions: 16 steps an epoch.
-    grouped = ["--captions-per-image-per-step", "5"]
+@pytest.mark.parametrize("model", [[], HARD_DEEP], ids=["soft", "hard-deep"])
+def test_grouped_steps_stop_on_sigterm_mid_epoch_and_resume_exactly(data, tmp_path, monkeypatch, model):
+    # 32 train images x 5 captions in steps of 2 images x 5 captions: 16 steps an epoch. A hard model
+    # also resumes its sampling generator and its REINFORCE baseline mid-epoch.
+    grouped = ["--captions-per-image-per-step", "5", *model]
     stopped = tmp_path / "stopped"
     with monkeypatch.context() as patch:
         sigterm_at_training_step(patch, 2)
@@ -492,13 +497,16 @@ def test_grouped_steps_stop_on_sigterm_mid_epoch_and_resume_exactly(data, tmp_pa
     assert state["epoch"] == 0 and state["samples_done"] == 4 * 10  # stopped after step 3, mid-epoch
 
     # Another grouping would train another order of captions for the rest of the epoch: refused.
-    message = run_script(train, train_argv(data, stopped, "--resume", stopped / "last.pt", batch=10), "train.py")
+    message = run_script(train, train_argv(data, stopped, *model, "--resume", stopped / "last.pt", batch=10),
+                         "train.py")
     assert_one_line_error(message, "train.py", stopped / "last.pt", "--captions-per-image-per-step 5")
 
     train.main(train_argv(data, stopped, *grouped, "--resume", stopped / "last.pt", batch=10))
     train.main(train_argv(data, tmp_path / "straight", *grouped, batch=10))
-    assert checkpoints.load_checkpoint(stopped / "last.pt")["epoch"] == 1
+    resumed = checkpoints.load_checkpoint(stopped / "last.pt")
+    assert resumed["epoch"] == 1
     assert_same_weights(tmp_path / "straight" / "last.pt", stopped / "last.pt")
+    assert resumed["hard_baseline"] == checkpoints.load_checkpoint(tmp_path / "straight" / "last.pt")["hard_baseline"]
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -595,11 +603,12 @@ def test_inf_or_nan_gradient_stops_instead_of_being_clipped_into_the_weights(dat
     assert_finite_checkpoint(out / "last.pt")
 
 
-def test_a_nan_loss_in_a_grouped_step_stops_before_the_update(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", [[], HARD_DEEP], ids=["soft", "hard-deep"])
+def test_a_nan_loss_in_a_grouped_step_stops_before_the_update(data, tmp_path, monkeypatch, model):
     out = tmp_path / "run"
     poison_training_loss(monkeypatch, lambda loss: loss * float("nan"), 3)  # epoch 0, step 2
     message = run_script(train, train_argv(data, out, "--save-every", "1", "--captions-per-image-per-step", "5",
-                                           batch=10), "train.py")
+                                           *model, batch=10), "train.py")
     assert_one_line_error(message, "train.py", "epoch 0, step 2", out / "last.pt", "nan")
     assert checkpoints.load_checkpoint(out / "last.pt")["samples_done"] == 2 * 10
     assert_finite_checkpoint(out / "last.pt")
