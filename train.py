@@ -57,6 +57,8 @@ def parse_args(argv=None):
         parser.error("--hard-expectation-prob must lie in [0, 1] and --hard-baseline-decay in [0, 1)")
     if args.val_length_penalty < 0:
         parser.error("--val-length-penalty must be at least 0")
+    if args.alpha_c is None:  # section 4.2.1's penalty belongs to soft attention's training (eq. 14)
+        args.alpha_c = 0.0 if args.attention == "hard" else 1.0
     return args
 
 
@@ -114,8 +116,9 @@ def add_optimisation_flags(opt):
                      help="train encoder blocks 2-4 (all of it when randomly initialised)")
     opt.add_argument("--grad-clip", type=float, default=5.0,
                      help="clip each gradient value to [-c, c], as in the tutorial (default 5; 0 = off)")
-    opt.add_argument("--alpha-c", type=float, default=1.0,
-                     help="weight of the doubly stochastic attention penalty (default 1)")
+    opt.add_argument("--alpha-c", type=float, default=None,
+                     help="weight of the doubly stochastic attention penalty (default 1 with soft attention; "
+                          "0 with hard, whose training in the paper, section 4.1, has no such penalty)")
     opt.add_argument("--lr-decay-patience", type=int, default=8,
                      help="multiply learning rates by --lr-decay-factor after this many epochs "
                           "without a better validation BLEU-4 (default 8)")

@@ -278,3 +278,11 @@ def test_caption_marks_the_cell_a_hard_model_read(hard_run, shapes_raw, tmp_path
     out = tmp_path / "figure.png"
     caption.main(["--img", str(image), "--checkpoint", str(hard_run / "best.pt"), "--out", str(out)])
     assert out.stat().st_size > 0
+
+
+def test_the_attention_penalty_is_soft_attention_s_unless_asked_for():
+    # Section 4.2.1's doubly stochastic penalty is part of the soft model's objective (eq. 14) only.
+    base = ["--data-folder", "d"]
+    assert train.parse_args(base).alpha_c == 1.0
+    assert train.parse_args(base + ["--attention", "hard"]).alpha_c == 0.0
+    assert train.parse_args(base + ["--attention", "hard", "--alpha-c", "0.5"]).alpha_c == 0.5
