@@ -173,6 +173,23 @@ class Attention(nn.Module):
         return context.view(-1, encoder_dim), alpha.view(-1, num_pixels)  # (B*K, E), (B*K, P)
 
 
+def decoding_order(decode_lengths, per_image):
+    """The order teacher forcing runs the captions in, n images of K = per_image consecutive captions.
+
+    An image's K captions step together until its longest ends. Sorted by that length, the images
+    still going at step t are the first n_t, and their captions the first n_t * K rows.
+    decode_lengths: (B,) long, B = n * K. Returns image_order (n,), order (B,) (the caption rows in
+    decoding order), real (B, T) bool (False at a caption's padded steps, T = the longest) and the
+    T ints n_t (read to the host once, not at every step).
+    """
+    image_lengths, image_order = decode_lengths.view(-1, per_image).amax(dim=1).sort(descending=True)  # (n,)
+    first_rows = image_order.unsqueeze(1) * per_image  # (n, 1): each image's first caption row
+    order = (first_rows + torch.arange(per_image, device=decode_lengths.device)).view(-1)  # (B,)
+    steps = torch.arange(int(image_lengths[0]), device=decode_lengths.device)  # (T,)
+    real = steps < decode_lengths[order].unsqueeze(1)  # (B, T)
+    return image_order, order, real, (steps < image_lengths.unsqueeze(1)).sum(0).tolist()
+
+
 class Step(NamedTuple):
     """What one decoding step gives: the new LSTM state h, c (B*K, D), the attention weights alpha
     (B*K, P), the gated context the LSTM read (B*K, E), and with hard attention the cell it read
@@ -319,8 +336,7 @@ class DecoderWithAttention(nn.Module):
             captions: (B, L) long, `<start> w1 ... wn <end> <pad>...`, B = n * K: image i's K captions
                 are rows i*K .. i*K+K-1 (K = captions_per_image; train.py's default is 1).
             caption_lengths: (B,) long, tokens including `<start>` and `<end>`.
-            captions_per_image: K. An image's K captions share its features and their attention
-                projection: no copy of either per caption.
+            captions_per_image: K; an image's K captions share its features and their projection, uncopied.
             return_locations: also return the cells a hard model read.
         Returns:
             scores (B, T, V) float for predicting captions[:, 1:T+1] with T = max(decode_lengths)
@@ -329,19 +345,10 @@ class DecoderWithAttention(nn.Module):
             return_locations, also locations (B, T) long: the cell each step read, -1 at padded steps,
             with soft attention, and in the captions that read the expectation.
         """
-        num_images, num_pixels = encoder_out.shape[:2]
-        batch_size, per_image = captions.shape[0], captions_per_image
+        num_pixels, batch_size, per_image = encoder_out.shape[1], captions.shape[0], captions_per_image
         decode_lengths = caption_lengths - 1  # (B,)
-        max_steps = int(decode_lengths.max())
-
-        # An image's K captions step together until its longest ends. Sorted by that length, the
-        # images still going at step t are the first n_t, and their captions the first n_t * K rows.
-        image_lengths, image_order = decode_lengths.view(num_images, per_image).amax(dim=1).sort(descending=True)
-        first_rows = image_order.unsqueeze(1) * per_image  # (n, 1): each image's first caption row
-        order = (first_rows + torch.arange(per_image, device=captions.device)).view(-1)  # (B,) decoding order
-        steps = torch.arange(max_steps, device=decode_lengths.device)  # (T,)
-        real = steps < decode_lengths[order].unsqueeze(1)  # (B, T), False at padded steps
-        images_per_step = (steps < image_lengths.unsqueeze(1)).sum(0).tolist()  # T ints, read once
+        image_order, order, real, images_per_step = decoding_order(decode_lengths, per_image)
+        max_steps = real.shape[1]
         embeddings = self.embedding(captions[order, :max_steps])  # (B, T, M)
         encoder_out = encoder_out.index_select(0, image_order)  # (n, P, E)
         encoder_proj = self.project_encoder(encoder_out)  # (n, P, A): once per batch, not per step
