@@ -313,12 +313,7 @@ def fit(run, train_set, val_loader, val_references, loader_options, stop):
                                   **loader_options)
         started = time.time()
         if train_one_epoch(run, train_loader, stop, show_progress=run.is_main):
-            signum = stop.signal or signal.SIGTERM
-            run.save("last.pt")
-            if run.is_main:
-                print(f"stopped by signal {signum}; saved {args.output_dir / 'last.pt'} (resume with --resume)",
-                      file=sys.stderr)
-            raise SystemExit(128 + signum)
+            train.exit_after_signal(run, stop)
         metrics = validate(run, val_loader, val_references, max_steps)
         improved = metrics["val_decoded_cider"] > progress.best_cider
         progress.best_cider = max(progress.best_cider, metrics["val_decoded_cider"])

@@ -478,6 +478,17 @@ def caption_rows(captions, lengths):
     return captions.view(groups * per_image, length), lengths.view(-1), per_image  # (n*K, L), (n*K,), K
 
 
+def exit_after_signal(run, stop):
+    """A stop signal ended the epoch: save last.pt, say so, and exit with 128 + the signal's number.
+    Under torchrun a process whose own signal has not arrived yet stops with the others (SIGTERM)."""
+    signum = stop.signal or signal.SIGTERM
+    run.save("last.pt")
+    if run.is_main:
+        print(f"stopped by signal {signum}; saved {run.args.output_dir / 'last.pt'} (resume with --resume)",
+              file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def train_one_epoch(run, loader, stop, show_progress=True, on_step=None):
     """Teacher-forced training over `loader` (the rest of the epoch, when resumed mid-epoch).
 
@@ -598,15 +609,8 @@ def fit(run, train_set, val_loader, loader_options, stop):
         train_loader = DataLoader(train_set, batch_size=args.batch_size // train_set.captions_per_item,
                                   sampler=list(sampler)[skip:], **loader_options)
         started = time.time()
-        stopped = train_one_epoch(run, train_loader, stop, show_progress=run.is_main)
-        if stopped:
-            # Under torchrun a process whose own signal has not arrived yet stops with the others.
-            signum = stop.signal or signal.SIGTERM
-            run.save("last.pt")
-            if run.is_main:
-                print(f"stopped by signal {signum}; saved {args.output_dir / 'last.pt'} (resume with --resume)",
-                      file=sys.stderr)
-            raise SystemExit(128 + signum)
+        if train_one_epoch(run, train_loader, stop, show_progress=run.is_main):
+            exit_after_signal(run, stop)
 
         # Validate by decoding, and keep the best epoch.
         metrics, _ = validate(run.encoder, run.decoder, val_loader, run.word_map, run.device, args.amp,
