@@ -49,8 +49,9 @@ $(APP_VENV)/.installed: $(VENV)/.installed requirements-app.txt
 	$(APP_PY) -m pip install --quiet -r requirements-app.txt
 	touch $@
 
+# Only the tests that serve the page: the rest of tests/test_app.py needs no Gradio and runs in `make test`.
 test-app: $(APP_VENV)/.installed
-	$(APP_PY) -m pytest -q tests/test_app.py
+	$(APP_PY) -m pytest -q -m page tests/test_app.py
 
 # The web page for the demo model (after `make demo`): open the address it prints.
 app: $(APP_VENV)/.installed

@@ -21,6 +21,10 @@ TINY_MODEL = ["--encoder-arch", "resnet18", "--encoder-cut-after", "layer2", "--
               "--decoder-dim", "32", "--workers", "0", "--batch-size", "16"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "page: serves the web page (needs Gradio): `make test-app` runs these")
+
+
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu",
                      help="where the decoding tests run their models (cpu, cuda): `pytest tests/test_decoding.py "

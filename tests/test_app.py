@@ -1,8 +1,9 @@
 """The web page (app.py): its caption is caption.py's, bad files get a message, several users at once
 get their own results, and a real browser (headless Chromium) drives the page.
 
-The first tests need only the project's requirements; those that serve the page need Gradio, and the
-browser test needs Playwright (both in requirements-app.txt) and Debian's chromium package.
+The first tests need only the project's requirements and run in `make test`; those marked `page` serve
+the page and need Gradio, and the browser test needs Playwright (both in requirements-app.txt) and
+Debian's chromium package: `make test-app` runs those alone (`pytest -m page`).
 """
 import re
 import shutil
@@ -176,6 +177,7 @@ def test_the_figure_offered_is_the_one_caption_py_writes(captioner, trained_run,
     assert written[:8] == b"\x89PNG\r\n\x1a\n" and offered.read_bytes() == written
 
 
+@pytest.mark.page
 def test_the_page_handler_shows_a_message_and_clears_the_results_for_bad_input(captioner, bad_files, images,
                                                                                 tmp_path):
     gr = pytest.importorskip("gradio", reason=APP_INSTALL)
@@ -206,6 +208,7 @@ def server(trained_run, packed_data):
         yield address
 
 
+@pytest.mark.page
 def test_four_users_at_once_each_get_their_own_caption(server, captioner, images):
     from gradio_client import Client, handle_file
 
@@ -234,6 +237,7 @@ def browser_or_skip(playwright, profile):
         viewport={"width": 1280, "height": 900})
 
 
+@pytest.mark.page
 def test_a_browser_captions_an_upload_steps_through_words_and_reports_a_text_file(
         server, captioner, trained_run, images, tmp_path, capsys):
     sync_api = pytest.importorskip("playwright.sync_api", reason=APP_INSTALL)

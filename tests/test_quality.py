@@ -33,14 +33,23 @@ def all_cores():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("seed", [11, 12])
-def test_short_training_learns_words_and_content(tmp_path, seed, all_cores):
-    raw, data, run = tmp_path / "raw", tmp_path / "data", tmp_path / "run"
-    make_shapes_dataset.main(["--output-folder", str(raw), "--num-images", "1000", "--seed", str(seed)])
+SEED = 11
+
+
+@pytest.fixture(scope="module")
+def shapes_1000(tmp_path_factory):
+    """1000 shapes images packed at 64x64: the data both short trainings learn from."""
+    raw, data = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("data")
+    make_shapes_dataset.main(["--output-folder", str(raw), "--num-images", "1000", "--seed", str(SEED)])
     create_input_files.main(["--dataset", "shapes", "--karpathy-json", str(raw / "dataset_shapes.json"),
                              "--image-folder", str(raw), "--output-folder", str(data), "--image-size", "64",
                              "--workers", "0"])
-    train.main(["--data-folder", str(data), "--output-dir", str(run), "--epochs", "3", "--seed", str(seed),
+    return data
+
+
+def test_short_training_learns_words_and_content(shapes_1000, tmp_path, all_cores):
+    data, run = shapes_1000, tmp_path / "run"
+    train.main(["--data-folder", str(data), "--output-dir", str(run), "--epochs", "3", "--seed", str(SEED),
                 *SMALL_MODEL])
 
     device = torch.device("cpu")
@@ -57,17 +66,14 @@ def test_short_training_learns_words_and_content(tmp_path, seed, all_cores):
     # About a minute of training leaves the model at the edge of naming objects: over 6 runs (seeds
     # 11 and 12, batch 16 and 32, two float-rounding variants) the weakest still beat the baseline by
     # 0.10 in content accuracy and 0.09 in BLEU-4; an untrained model scores at or below the baseline.
+    # Seed 12 was one of those runs; the suite trains seed 11 alone, as each training is two minutes of CI.
     assert (scores["content_accuracy"] > scores["baseline_content_accuracy"] + 0.07
             or scores["bleu4"] > scores["baseline_bleu4"] + 0.05), scores
 
 
-def test_short_hard_attention_training_beats_the_content_free_baseline(tmp_path, all_cores):
-    raw, data, run = tmp_path / "raw", tmp_path / "data", tmp_path / "run"
-    make_shapes_dataset.main(["--output-folder", str(raw), "--num-images", "1000", "--seed", "11"])
-    create_input_files.main(["--dataset", "shapes", "--karpathy-json", str(raw / "dataset_shapes.json"),
-                             "--image-folder", str(raw), "--output-folder", str(data), "--image-size", "64",
-                             "--workers", "0"])
-    train.main(["--data-folder", str(data), "--output-dir", str(run), "--epochs", "3", "--seed", "11",
+def test_short_hard_attention_training_beats_the_content_free_baseline(shapes_1000, tmp_path, all_cores):
+    data, run = shapes_1000, tmp_path / "run"
+    train.main(["--data-folder", str(data), "--output-dir", str(run), "--epochs", "3", "--seed", str(SEED),
                 "--attention", "hard", *SMALL_MODEL])
     scores = evaluate_script.main(["--checkpoint", str(run / "best.pt"), "--data-folder", str(data), "--split",
                                    "test", "--beam-size", "3", "--max-steps", "20", "--workers", "0",
