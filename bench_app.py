@@ -134,7 +134,7 @@ def main(argv=None):
     """Start the page, load it, and print what its memory did."""
     args = parse_args(argv)
     try:
-        import gradio_client  # noqa: F401  (installed with Gradio)
+        from gradio_client import Client  # installed with Gradio
     except ImportError:
         raise UserError(f"Gradio is not installed; `.venv/bin/pip install -r {APP_REQUIREMENTS}`") from None
     with tempfile.TemporaryDirectory() as folder:
@@ -142,8 +142,6 @@ def main(argv=None):
         reference = Captioner(args.checkpoint, torch.device("cpu"))  # the answers, computed here
         expected = {image: reference.caption(image, args.beam_size).caption for image in images}
         with serving(args.checkpoint, args.data_folder) as (address, process):
-            from gradio_client import Client
-
             start_rss = rss_mib(process.pid)[0]
             # The same users all along: each new client is a session whose state the page keeps for an hour.
             clients = [Client(address, verbose=False) for _ in range(args.users)]

@@ -5,6 +5,7 @@ metrics.py, the loss in losses.py, the packed-data layout in datasets.py.
 """
 
 import ctypes
+import functools
 import json
 import os
 import signal
@@ -79,12 +80,20 @@ def keep_freed_memory(device):
     """
     if device.type != "cpu":
         return False  # the CUDA caching allocator already reuses memory; host memory stays as it was
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    mallopt = getattr(glibc(), "mallopt", None)
+    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
+    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 2**31 - 1))
+
+
+@functools.cache
+def glibc():
+    """The C library as ctypes sees it, loaded once; None where there is no libc.so.6 (macOS, musl)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def release_freed_memory():
@@ -94,10 +103,8 @@ def release_freed_memory():
     glibc arena of its own, and a large image decoded in one of them leaves that arena holding the
     freed pages. Returns False where glibc's malloc_trim is missing (macOS, musl).
     """
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    malloc_trim = getattr(glibc(), "malloc_trim", None)
+    return malloc_trim is not None and bool(malloc_trim(0))
 
 # ----------------------------------------------------------------------------------------------
 # Images
