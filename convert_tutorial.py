@@ -32,7 +32,7 @@ from tqdm import tqdm
 import train
 from checkpoints import CHECKPOINT_VERSION, build_models, save_checkpoint
 from datasets import MANIFEST, SPECIAL_TOKENS, SPLITS, WORD_MAP, decode_tokens, meta_file, split_file, strip_special
-from models import RESNET_ARCHS, RESNET_BLOCKS
+from models import RESNET_BLOCKS
 from utils import UserError, read_json, run_main, write_json
 
 # ----------------------------------------------------------------------------------------------

@@ -83,7 +83,9 @@ def add_data_and_model_flags(parser):
     model.add_argument("--attention-dim", type=int, default=512, help="attention size A (default 512)")
     model.add_argument("--embed-dim", type=int, default=512, help="word embedding size M (default 512)")
     model.add_argument("--decoder-dim", type=int, default=512, help="LSTM size D (default 512)")
-    model.add_argument("--dropout", type=float, default=0.5, help="dropout before the output layer (0.5)")
+    model.add_argument("--dropout", type=float, default=0.5,
+                       help="dropout before the output layer (0.5); the deep output layer applies it twice, "
+                            "to h_t and to its hidden layer, as the paper's code does")
     model.add_argument("--attention", choices=ATTENTION_TYPES, default="soft",
                        help="soft: the context is the attention-weighted mean of the features (section 4.2, "
                             "default); hard: the feature vector of one cell, sampled in training and trained "

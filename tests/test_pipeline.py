@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import caption
-import eval as evaluate_script
 import train
 from conftest import TINY_MODEL
 
