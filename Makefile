@@ -23,9 +23,9 @@ DEMO_BEAM ?= 3
 SCST_DIR ?= runs/demo-scst
 SCST_OPTIM ?= --batch-size 16 --steps-per-epoch 40 --epochs 16 --decoder-lr 1e-4 --workers 0
 
-.PHONY: demo demo-scst test test-app mutants install clean-demo app app-install
+.PHONY: demo demo-scst test test-app mutants install clean-demo app app-install help
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed  ## create .venv with requirements.txt (make demo and make test do it too)
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -40,7 +40,7 @@ $(VENV)/.installed: requirements.txt
 APP_VENV := .venv-app
 APP_PY := $(APP_VENV)/bin/python
 
-app-install: $(APP_VENV)/.installed
+app-install: $(APP_VENV)/.installed  ## create .venv-app with the web page's requirements (Gradio, Playwright)
 
 $(APP_VENV)/.installed: $(VENV)/.installed requirements-app.txt
 	$(PYTHON_SYS) -m venv $(APP_VENV)
@@ -50,21 +50,21 @@ $(APP_VENV)/.installed: $(VENV)/.installed requirements-app.txt
 	touch $@
 
 # Only the tests that serve the page: the rest of tests/test_app.py needs no Gradio and runs in `make test`.
-test-app: $(APP_VENV)/.installed
+test-app: $(APP_VENV)/.installed  ## run the tests that serve the web page (needs make app-install)
 	$(APP_PY) -m pytest -q -m page tests/test_app.py
 
 # The web page for the demo model (after `make demo`): open the address it prints.
-app: $(APP_VENV)/.installed
+app: $(APP_VENV)/.installed  ## serve the web page for the demo model (after make demo)
 	$(APP_PY) app.py --checkpoint $(DEMO_DIR)/train/best.pt --data-folder $(DEMO_DIR)/data
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed  ## run the test suite, offline on the CPU
 	$(PY) -m pytest -q tests
 
 # Realistic bugs put into a scratch copy one at a time: each must make a test fail (tests/mutants.py).
-mutants: $(VENV)/.installed
+mutants: $(VENV)/.installed  ## put realistic bugs in one at a time; each must make a test fail
 	$(PY) tests/mutants.py
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed  ## make shapes data, pack, train, evaluate, caption: about 15 min on 2 CPU cores
 	$(PY) make_shapes_dataset.py --output-folder $(DEMO_DIR)/shapes --num-images $(DEMO_IMAGES) --seed $(DEMO_SEED)
 	$(PY) create_input_files.py --dataset shapes --karpathy-json $(DEMO_DIR)/shapes/dataset_shapes.json \
 		--image-folder $(DEMO_DIR)/shapes --output-folder $(DEMO_DIR)/data --image-size $(DEMO_IMAGE_SIZE) \
@@ -79,7 +79,7 @@ demo: $(VENV)/.installed
 	@$(PY) -c "import json; m = json.load(open('$(DEMO_DIR)/train/metrics_test_beam$(DEMO_BEAM).json')); \
 		print(f\"demo: test BLEU-4 {m['bleu4']:.4f} (beam $(DEMO_BEAM)); attention figure: $(DEMO_DIR)/attention.png\")"
 
-demo-scst: $(VENV)/.installed
+demo-scst: $(VENV)/.installed  ## self-critical training from the demo's best.pt, then evaluate (after make demo)
 	$(PY) create_input_files.py --dataset shapes --karpathy-json $(DEMO_DIR)/shapes/dataset_shapes.json \
 		--image-folder $(DEMO_DIR)/shapes --output-folder $(SCST_DIR)/data --image-size $(DEMO_IMAGE_SIZE) \
 		--workers 2
@@ -88,5 +88,9 @@ demo-scst: $(VENV)/.installed
 	$(PY) eval.py --checkpoint $(SCST_DIR)/train/best.pt --data-folder $(SCST_DIR)/data --split test \
 		--beam-size $(DEMO_BEAM) --workers 0
 
-clean-demo:
+clean-demo:  ## delete runs/demo
 	rm -rf $(DEMO_DIR)
+
+# `make help` prints each target with the text after its `##`.
+help:  ## list the targets, one line each
+	@awk -F':.*## ' '/^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
