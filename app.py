@@ -4,8 +4,9 @@
     .venv-app/bin/python app.py --checkpoint runs/demo/train/best.pt --data-folder runs/demo/data
     .venv-app/bin/python app.py --checkpoint runs/coco/best.pt --port 8080 --beam-size 5
 
-Open the address it prints, drop an image on the page (or pick an example), and click the words of
-the caption to see each one's attention over the image. The caption comes from caption.py's own
+Open the address it prints, drop an image on the page (or pick an example): it shows at once, in its
+own proportions, and the chooser is ready for the next one. Click the words of the caption to see each
+one's attention over the image, drawn as caption.py's figure draws it. The caption comes from caption.py's own
 `caption_image`, so it is the one `python caption.py --img FILE --beam-size N` prints, character for
 character, and the figure offered for download is the one `caption.py --out` writes. With
 --data-folder, the examples are that dataset's test images, and an image of the dataset that has
@@ -244,12 +245,16 @@ def word_label(result, step):
 def page_handlers(gr, captioner, max_beam_size):
     """The page's actions as functions of their inputs; each returns gr updates for its outputs."""
 
-    def show_photo(path):
-        """A new photo (uploaded or an example) -> preview, the photo's path kept, the chooser emptied so
-        that the next photo can be dropped at once. No photo (the chooser just emptied): nothing changes."""
+    def new_photo(path, beam_size, length_penalty=0.0, hard_read="argmax"):
+        """A new photo (uploaded or an example) -> first its preview, at once, with the chooser emptied
+        for the next photo and the last photo's results cleared; then caption()'s outputs. Each yield is
+        caption()'s outputs, then preview, photo path, chooser. The chooser just emptied: nothing changes."""
         if not path:
-            return gr.skip(), gr.skip(), gr.skip()
-        return photo_preview(path), path, None
+            yield (gr.skip(),) * 10
+            return
+        waiting = (f"Captioning {Path(path).name} ...", "", gr.update(choices=[], value=None), None, "", None, None)
+        yield (*waiting, photo_preview(path), path, None)
+        yield (*caption(path, beam_size, length_penalty, hard_read), gr.skip(), gr.skip(), gr.skip())
 
     def caption(path, beam_size, length_penalty=0.0, hard_read="argmax"):
         """A photo (or a decoding setting changed) -> status, caption, words, attention view, label,
@@ -288,13 +293,13 @@ def page_handlers(gr, captioner, max_beam_size):
             return None
         return str(captioner.figure(result))
 
-    return show_photo, caption, show_word, figure
+    return new_photo, caption, show_word, figure
 
 
 def build_page(captioner, examples=(), beam_size=3, max_beam_size=10):
     """The Gradio page: upload, beam size, caption, clickable words, attention view, figure download."""
     gr = import_gradio()
-    show_photo, caption, show_word, figure = page_handlers(gr, captioner, max_beam_size)
+    new_photo, caption, show_word, figure = page_handlers(gr, captioner, max_beam_size)
     with gr.Blocks(title="Show, Attend and Tell", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown("# Show, Attend and Tell\nDrop an image to caption it, then click a word to see where "
                     "the model looked when it wrote that word.")
@@ -331,11 +336,11 @@ def build_page(captioner, examples=(), beam_size=3, max_beam_size=10):
         outputs = [status, caption_box, words, view, label, result, figure_file]
         # A new image (uploaded or picked) or a new decoding setting captions again; "/caption" is the
         # endpoint scripts call (gradio_client: predict(handle_file(path), beam_size, length_penalty,
-        # hard_read, api_name="/caption")).
-        # The preview comes at once, beside the captioning, which takes longer; both read the photo from
-        # the event, so the chooser can be emptied for the next photo meanwhile.
-        upload.change(show_photo, [upload], [preview, photo, upload], api_name=False, queue=False)
-        upload.change(caption, [upload, beam, penalty, hard_read], outputs, api_name="caption")
+        # hard_read, api_name="/caption"), whose first two outputs are the status and the caption).
+        # A new photo shows at once and empties the chooser for the next one; its caption follows (one
+        # event, two updates). The photo's path is kept in `photo` for the settings that caption again.
+        upload.change(new_photo, [upload, beam, penalty, hard_read], [*outputs, preview, photo, upload],
+                      api_name="caption")
         settings = [photo, beam, penalty, hard_read]
         beam.release(caption, settings, outputs, api_name=False)
         penalty.submit(caption, settings, outputs, api_name=False)

@@ -5,10 +5,13 @@ r"""Caption one image (or every image in a folder) and draw where the model look
     python caption.py --img data/shapes/images/shapes_000007.jpg --checkpoint runs/demo/train/best.pt \
         --data-folder runs/demo/data --out runs/demo/attention.png
 
-The figure shows the image, then one panel per word with that step's attention map upsampled and
-laid over the image (for a hard-attention model, which reads one cell per word, that cell is marked
-instead). With --data-folder, an image from the packed dataset that has object
-annotations (the shapes set) gets its object boxes drawn too.
+The figure shows the image in its own proportions, then one panel per word with that step's attention
+map stretched over it as the model's resize stretched the image to a square, so that each cell covers
+the pixels it saw: the attended part keeps its brightness and the rest is dimmed, as in the paper's
+figures (for a hard-attention model, which reads one cell per word, that cell is lit and marked
+instead). With --data-folder, an image from the packed dataset that has object annotations (the shapes
+set) gets its object boxes drawn too. A caption that reached --max-steps without <end> is printed, and
+titled in its figure, as unfinished.
 
 Where figures go (--out): a name ending in .png, .jpg, .jpeg, .pdf or .svg is one figure in that
 format (for one --img file); anything else, or a folder that exists, is a folder (made if needed)
@@ -155,12 +158,17 @@ def caption_text(words, max_steps):
 
 
 def stretched_map(alpha, grid, height, width):
-    """A word's map (P,) as a (height, width) array peaking at 1: the grid stretched over the whole photo
-    as the encoder's resize stretched the photo onto the grid, so each cell covers the pixels it saw."""
+    """A word's map (P,) as a (height, width) array: the grid stretched over the whole photo as the
+    encoder's resize stretched the photo onto the grid, so each cell covers the pixels it saw; scaled
+    from 0 where the map is least to 1 where it peaks, as the paper's figures draw it (a flat map: all 1),
+    so that a model whose maps are spread still shows where it looked most."""
     attention = alpha.detach().float().cpu().view(1, 1, grid, grid)  # (1, 1, grid, grid), row-major as P
     upsampled = torch.nn.functional.interpolate(attention, size=(height, width), mode="bilinear",
                                                 align_corners=False)[0, 0]  # (H, W)
-    return (upsampled / upsampled.max().clamp(min=1e-12)).numpy()
+    low, high = upsampled.min(), upsampled.max()
+    if high - low < 1e-12:
+        return np.ones((height, width), dtype=np.float32)
+    return ((upsampled - low) / (high - low)).numpy()
 
 
 def attention_panel(photo, alpha, grid, objects=None, mark_cell=False):
@@ -168,7 +176,7 @@ def attention_panel(photo, alpha, grid, objects=None, mark_cell=False):
     alpha (P,) on it, as (H, W, 3) uint8; alpha None gives the photo itself.
 
     As in the paper's figures, the attended part keeps its brightness and the rest is dimmed (to DIM
-    where the map is 0), so it reads on a busy photo. With mark_cell (a hard model reading one cell)
+    where the map is least), so it reads on a busy photo. With mark_cell (a hard model reading one cell)
     the cell read, the map's argmax, is lit, tinted and outlined in cyan. Object boxes in green."""
     pixels = photo.transpose(1, 2, 0).astype(np.float32)  # (H, W, 3)
     height, width = pixels.shape[:2]

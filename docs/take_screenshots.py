@@ -27,7 +27,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/train/best.pt"),
                         help="the model the page serves (default runs/demo/train/best.pt, from make demo)")
     parser.add_argument("--photos", type=Path, nargs="+", required=True, help="the photos to upload")
-    parser.add_argument("--out", type=Path, default=Path("docs/img"), help="where the PNGs go (default docs/img)")
+    parser.add_argument("--out", type=Path, default=Path("docs/img"), help="where the JPEGs go (default docs/img)")
     parser.add_argument("--tag", default="after", help="suffix of the file names, e.g. before or after (default after)")
     return parser.parse_args(argv)
 
@@ -48,11 +48,11 @@ def main(argv=None):
             page.locator("#words label").nth(1).click()
             expect(page.locator("#word-label")).to_contain_text("word 2 of", timeout=30_000)
             page.wait_for_timeout(1500)  # the new view's image to load
-            page.screenshot(path=str(args.out / f"page_{photo.stem}_{args.tag}.png"), full_page=True)
+            page.screenshot(path=str(args.out / f"page_{photo.stem}_{args.tag}.jpg"), full_page=True, quality=85)
         browser.close()
     for photo in args.photos:
         subprocess.run([sys.executable, str(REPO / "caption.py"), "--img", str(photo), "--checkpoint",
-                        str(args.checkpoint), "--out", str(args.out / f"figure_{photo.stem}_{args.tag}.png")],
+                        str(args.checkpoint), "--out", str(args.out / f"figure_{photo.stem}_{args.tag}.jpg")],
                        check=True)
 
 

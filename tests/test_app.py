@@ -182,10 +182,12 @@ def test_the_figure_offered_is_the_one_caption_py_writes(captioner, trained_run,
 def test_the_page_handler_shows_a_message_and_clears_the_results_for_bad_input(captioner, bad_files, images,
                                                                                 tmp_path):
     gr = pytest.importorskip("gradio", reason=APP_INSTALL)
-    show_photo, caption_fn, show_word, figure = app.page_handlers(gr, captioner, max_beam_size=10)
-    preview, kept, emptied = show_photo(str(images["copy"]))
-    assert preview.shape == (app.DISPLAY_SIDE, app.DISPLAY_SIDE, 3) and kept == str(images["copy"]) and emptied is None
-    skipped = show_photo(None), caption_fn(None, 3)  # the chooser emptied: what the page shows stays
+    new_photo, caption_fn, show_word, figure = app.page_handlers(gr, captioner, max_beam_size=10)
+    first, last = new_photo(str(images["copy"]), 3)  # the preview at once, then the caption
+    assert first[0].startswith("Captioning my_photo.jpg") and first[1] == "" and first[5] is None
+    assert first[7].shape == (app.DISPLAY_SIDE, app.DISPLAY_SIDE, 3) and first[8:] == (str(images["copy"]), None)
+    assert last[1] == caption_fn(str(images["copy"]), 3)[1] != ""
+    skipped = [*new_photo(None, 3), caption_fn(None, 3)]  # the chooser emptied: what the page shows stays
     assert all(isinstance(update, dict) and update.get("__type__") == "update" and len(update) == 1
                for updates in skipped for update in updates), skipped
     status, text, words, view, label, state, _ = caption_fn(str(images["copy"]), 3)
@@ -268,20 +270,23 @@ def test_a_browser_previews_photos_in_their_shape_and_takes_the_next_without_pre
             page = browser.new_page()
             page.on("request", lambda request: requested.append(request.url))
             page.goto(server)
+            preview_src = overlay_src = None
             for name, aspect in (("landscape", 4 / 3), ("portrait", 9 / 16)):
                 # The second photo goes into the same chooser, straight after the first: no x pressed.
                 sync_api.expect(page.locator("#upload")).to_contain_text("Drop File Here", timeout=30_000)
                 page.locator("#upload input[type=file]").set_input_files(str(photos[name]))
-                preview = shown_image(page, "#preview", aspect)
+                preview, preview_src = shown_image(page, "#preview", aspect, preview_src)
                 assert np.array_equal(preview.shape[:2], app.photo_preview(photos[name]).shape[:2])
                 expected = caption_py_line(trained_run, photos[name], 3, capsys).split(": ", 1)[1]
-                sync_api.expect(page.locator("#caption textarea")).to_have_value(expected, timeout=60_000)
+                sync_api.expect(page.locator("#word-label")).to_contain_text("word 1 of", timeout=60_000)
+                sync_api.expect(page.locator("#caption textarea")).to_have_value(expected)
                 result = captioner.caption(photos[name], 3)
+                # The overlay shown for each word is that word's map on the photo, in the photo's proportions.
+                overlay, overlay_src = shown_image(page, "#attention", aspect, overlay_src)
+                assert np.array_equal(overlay, app.attention_view(result, 0))
                 page.locator("#words label").nth(1).click()
                 sync_api.expect(page.locator("#word-label")).to_contain_text("word 2 of", timeout=30_000)
-                # The overlay shown for word 2 is word 2's map on the photo, in the photo's proportions.
-                page.wait_for_function("() => document.querySelector('#attention img')?.complete")
-                overlay = shown_image(page, "#attention", aspect)
+                overlay, overlay_src = shown_image(page, "#attention", aspect, overlay_src)
                 assert np.array_equal(overlay, app.attention_view(result, 1))
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
 
@@ -299,14 +304,17 @@ def test_a_browser_previews_photos_in_their_shape_and_takes_the_next_without_pre
     assert requested and not outside, outside
 
 
-def shown_image(page, element, aspect):
-    """The pixels of the image the page shows in `element`, once it is there; asserts that it is
-    drawn on the page in the proportions `aspect` (width / height), as its pixels are."""
-    image = page.locator(f"{element} img")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    sync_api.expect(image).to_be_visible(timeout=30_000)
-    box = image.bounding_box()
-    pixels = np.asarray(Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body())).convert("RGB"))
+def shown_image(page, element, aspect, previous):
+    """(pixels, src) of the image the page shows in `element` once it is not `previous` (a src) and
+    has loaded; asserts that it is drawn on the page in the proportions `aspect` (width / height), as
+    its pixels are."""
+    selector = f"{element} img"
+    page.wait_for_function("([selector, previous]) => { const img = document.querySelector(selector); return img "
+                           "&& img.complete && img.naturalWidth > 0 && img.getAttribute('src') !== previous; }",
+                           arg=[selector, previous], timeout=60_000)
+    image = page.locator(selector)
+    src, box = image.get_attribute("src"), image.bounding_box()
+    pixels = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
     assert pixels.shape[1] / pixels.shape[0] == pytest.approx(aspect, rel=0.02)
     assert box["width"] / box["height"] == pytest.approx(aspect, rel=0.03), box
-    return pixels
+    return pixels, src
