@@ -2,11 +2,11 @@
 (its second word clicked), and caption.py's figure of the same photo.
 
     .venv-app/bin/python docs/take_screenshots.py --checkpoint runs/demo/train/best.pt \
-        --photos rocket.jpg coffee.png --out docs/img --tag after
+        --photos rocket_portrait.jpg coffee.png --out docs/img --tag after
 
-Needs the page's requirements (make app-install) and Debian's chromium. The photos in docs/img are
-scikit-image's sample photos rocket.jpg (portrait) and coffee.png (landscape), taken from its wheel
-(`pip download scikit-image --no-deps`, then unzip skimage/data/).
+Needs the page's requirements (make app-install) and Debian's chromium. The photos behind docs/img are
+scikit-image's sample photos coffee.png (landscape) and rocket.jpg cut to a 9:16 portrait around the
+rocket, taken from its wheel (`pip download scikit-image --no-deps`, then unzip skimage/data/).
 """
 import argparse
 import subprocess
