@@ -1,11 +1,12 @@
 """A web page that captions your own photo and shows where the model looked for each word.
 
-    .venv/bin/pip install -r requirements-app.txt   # once: Gradio, for the page only
-    python app.py --checkpoint runs/demo/train/best.pt --data-folder runs/demo/data
-    python app.py --checkpoint runs/coco/best.pt --port 8080 --beam-size 5
+    make app-install   # once: Gradio, for the page only, in a venv of its own (.venv-app)
+    .venv-app/bin/python app.py --checkpoint runs/demo/train/best.pt --data-folder runs/demo/data
+    .venv-app/bin/python app.py --checkpoint runs/coco/best.pt --port 8080 --beam-size 5
 
-Open the address it prints, drop an image on the page (or pick an example), and click the words of
-the caption to see each one's attention over the image. The caption comes from caption.py's own
+Open the address it prints, drop an image on the page (or pick an example): it shows at once, in its
+own proportions, and the chooser is ready for the next one. Click the words of the caption to see each
+one's attention over the image, drawn as caption.py's figure draws it. The caption comes from caption.py's own
 `caption_image`, so it is the one `python caption.py --img FILE --beam-size N` prints, character for
 character, and the figure offered for download is the one `caption.py --out` writes. With
 --data-folder, the examples are that dataset's test images, and an image of the dataset that has
@@ -26,17 +27,17 @@ import threading
 import time
 import traceback
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from beam_search import LENGTH_PENALTY_HELP
-from caption import attention_figure, caption_image, known_objects
+from beam_search import MAX_STEPS, is_unfinished
+from caption import (DISPLAY_SIDE, attention_figure, attention_panel, caption_image, caption_text, known_objects,
+                     load_photo, small_image_note)
 from checkpoints import check_word_maps_match, models_from_checkpoint
 from datasets import meta_file
 from models import HARD_READS
@@ -47,8 +48,6 @@ from utils import UserError, read_json, release_freed_memory, resolve_device, ru
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                "GRADIO_SSR_MODE": "False", "DO_NOT_TRACK": "1"}
 APP_REQUIREMENTS = "requirements-app.txt"
-DISPLAY_SIDE = 384  # pixels a side of the attention view: a 64x64 demo image is too small to read
-SMALL_IMAGE_SIDE = 16  # below this many pixels a side, the caption says little; the page says so
 FIGURE_MAX_AGE_S = 3600  # figures offered for download are deleted after an hour
 
 
@@ -65,8 +64,8 @@ def parse_args(argv=None):
                        help="the page's starting beam size (default 3, as caption.py)")
     model.add_argument("--max-beam-size", type=int, default=10,
                        help="largest beam size the page offers (default 10)")
-    model.add_argument("--max-steps", type=int, default=50,
-                       help="most words per caption (default 50, as caption.py)")
+    model.add_argument("--max-steps", type=int, default=MAX_STEPS,
+                       help=f"most words per caption, <end> included (default {MAX_STEPS}, as caption.py)")
     model.add_argument("--examples", type=int, default=4,
                        help="how many test images to offer as examples (default 4)")
     server = parser.add_argument_group("server")
@@ -94,15 +93,21 @@ class Result:
     name: str  # the uploaded file's name, for the figure's name and the messages
     words: list  # the caption, as caption.py prints it: " ".join(words)
     alphas: torch.Tensor  # (len(words), P) attention of each word
-    pixels: np.ndarray  # (3, S, S) uint8: the image as the model saw it
+    pixels: np.ndarray  # (3, H, W) uint8: the photo in its own proportions (caption.load_photo)
     objects: list  # the dataset's object boxes for this image, or []
     note: str = ""  # something the user should know about the input (a tiny image)
     mark_cells: bool = False  # a hard model that read one cell per word: the views mark that cell
+    max_steps: int = MAX_STEPS  # where decoding stopped if the model never said <end>
 
     @property
     def caption(self):
-        """The caption as one line."""
-        return " ".join(self.words)
+        """The caption as one line, as caption.py prints it (marked when cut off at max_steps)."""
+        return caption_text(self.words, self.max_steps)
+
+    @property
+    def unfinished(self):
+        """Whether the caption was cut off at max_steps without <end>."""
+        return is_unfinished(self.words, self.max_steps)
 
 
 def file_digest(path):
@@ -129,25 +134,10 @@ def example_images(data_folder, count):
     return [str(path.resolve()) for path in files if path.is_file()][:count]
 
 
-def image_side_note(path):
-    """A warning for images too small to caption well, or "" (unreadable files are caption_image's to report)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's decompression-bomb warning: a huge photo is fine here
-            with Image.open(path) as image:
-                width, height = image.size
-    except Exception:
-        return ""
-    if min(width, height) < SMALL_IMAGE_SIDE:
-        return (f"The image is only {width}x{height} pixels; it was stretched to the model's input size, "
-                "so the caption says little about it.")
-    return ""
-
-
 class Captioner:
     """The model loaded once, shared by every request; each request's results are its own."""
 
-    def __init__(self, checkpoint, device, max_steps=50, data_folder=None):
+    def __init__(self, checkpoint, device, max_steps=MAX_STEPS, data_folder=None):
         self.device = device
         self.max_steps = max_steps
         self.encoder, self.decoder, self.state = models_from_checkpoint(checkpoint, device)
@@ -184,8 +174,8 @@ class Captioner:
         finally:
             release_freed_memory()  # the decoded photo's pages, whichever worker thread decoded it
         return Result(name=path.name, words=words, alphas=alphas.cpu(), pixels=pixels,
-                      objects=self.objects.get(file_digest(path), []), note=image_side_note(path),
-                      mark_cells=self.hard and hard_read == "argmax")
+                      objects=self.objects.get(file_digest(path), []), note=small_image_note(path),
+                      mark_cells=self.hard and hard_read == "argmax", max_steps=self.max_steps)
 
     def figure(self, result):
         """Write caption.py's attention figure for `result` to a fresh file; returns its path."""
@@ -193,7 +183,7 @@ class Captioner:
         out = self.figure_dir / uuid.uuid4().hex / f"{Path(result.name).stem}_attention.png"
         with self._figure_lock:
             attention_figure(result.pixels, result.words, result.alphas, self.grid, out, result.objects or None,
-                             result.mark_cells)
+                             result.mark_cells, unfinished_at=result.max_steps if result.unfinished else None)
         return out
 
     def _delete_old_figures(self):
@@ -204,46 +194,20 @@ class Captioner:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def attention_view(result, step, side=DISPLAY_SIDE):
-    """The image with word `step`'s attention laid over it, as one panel of caption.py's figure.
-
-    Returns (side, side, 3) uint8: the attention map upsampled bilinearly, scaled to its peak, and
-    drawn in grey at 65% opacity over the image, with the object boxes in green. For a hard model
-    reading one cell per word (`result.mark_cells`), that cell is marked in cyan instead.
-    """
-    image = Image.fromarray(result.pixels.transpose(1, 2, 0)).resize((side, side), Image.Resampling.BICUBIC)
+def attention_view(result, step):
+    """The photo with word `step`'s attention on it, as that word's panel of caption.py's figure
+    (caption.attention_panel): (H, W, 3) uint8 in the photo's own proportions, longest side DISPLAY_SIDE."""
     grid = int(round(result.alphas.shape[1] ** 0.5))
-    if result.mark_cells:
-        return np.asarray(marked_cell_view(image, int(result.alphas[step].argmax()), grid, result.objects))
-    attention = result.alphas[step].float().view(1, 1, grid, grid)  # (1, 1, grid, grid)
-    upsampled = torch.nn.functional.interpolate(attention, size=(side, side), mode="bilinear",
-                                                align_corners=False)[0, 0].numpy()  # (side, side)
-    upsampled = upsampled / max(upsampled.max(), 1e-12)
-    blended = 0.35 * np.asarray(image, dtype=np.float32) + 0.65 * 255.0 * upsampled[..., None]  # (side, side, 3)
-    view = Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
-    draw_boxes(view, result.objects)
-    return np.asarray(view)
+    return attention_panel(result.pixels, result.alphas[step], grid, result.objects, result.mark_cells)
 
 
-def marked_cell_view(image, cell, grid, objects):
-    """`image` (PIL, side x side) with grid cell `cell` (row-major) tinted and outlined in cyan, as
-    caption.py's figure marks the cell a hard model read, and the object boxes in green."""
-    side = image.size[0]
-    row, col = divmod(cell, grid)
-    box = [col * side / grid, row * side / grid, (col + 1) * side / grid, (row + 1) * side / grid]
-    tint = Image.new("RGBA", image.size, (0, 0, 0, 0))
-    ImageDraw.Draw(tint).rectangle(box, fill=(0, 255, 255, 90))
-    view = Image.alpha_composite(image.convert("RGBA"), tint).convert("RGB")
-    ImageDraw.Draw(view).rectangle(box, outline=(0, 255, 255), width=3)
-    draw_boxes(view, objects)
-    return view
-
-
-def draw_boxes(view, objects):
-    """Draw the objects' normalised boxes on the square PIL image `view`, in green."""
-    draw = ImageDraw.Draw(view)
-    for obj in objects:
-        draw.rectangle([v * view.size[0] for v in obj["bbox"]], outline=(0, 255, 0), width=2)
+def photo_preview(path):
+    """The uploaded photo as the page shows it before its caption is ready: (H, W, 3) uint8 in its own
+    proportions, or None when it cannot be read (captioning reports why)."""
+    try:
+        return load_photo(path).transpose(1, 2, 0)
+    except Exception:
+        return None
 
 
 def friendly_error(exc, path):
@@ -264,7 +228,7 @@ def import_gradio():
         import gradio
     except ImportError:
         raise UserError(f"Gradio is not installed; install the page's requirements with "
-                        f"`.venv/bin/pip install -r {APP_REQUIREMENTS}` (or `make app-install`)") from None
+                        f"`make app-install` (a venv of its own, .venv-app, from {APP_REQUIREMENTS})") from None
     return gradio
 
 
@@ -279,14 +243,25 @@ def word_label(result, step):
 
 
 def page_handlers(gr, captioner, max_beam_size):
-    """The page's three actions as functions of its inputs; each returns gr updates for its outputs."""
+    """The page's actions as functions of their inputs; each returns gr updates for its outputs."""
+
+    def new_photo(path, beam_size, length_penalty=0.0, hard_read="argmax"):
+        """A new photo (uploaded or an example) -> first its preview, at once, with the chooser emptied
+        for the next photo and the last photo's results cleared; then caption()'s outputs. Each yield is
+        caption()'s outputs, then preview, photo path, chooser. The chooser just emptied: nothing changes."""
+        if not path:
+            yield (gr.skip(),) * 10
+            return
+        waiting = (f"Captioning {Path(path).name} ...", "", gr.update(choices=[], value=None), None, "", None, None)
+        yield (*waiting, photo_preview(path), path, None)
+        yield (*caption(path, beam_size, length_penalty, hard_read), gr.skip(), gr.skip(), gr.skip())
 
     def caption(path, beam_size, length_penalty=0.0, hard_read="argmax"):
-        """Upload (or example, or a decoding setting) -> status, caption, words, attention view, label,
-        state, figure."""
+        """A photo (or a decoding setting changed) -> status, caption, words, attention view, label,
+        state, figure. No photo (the chooser just emptied, or nothing uploaded yet): nothing changes."""
         cleared = (gr.update(choices=[], value=None), None, "", None, None)
         if not path:
-            return ("Drop an image above, or pick an example.", "", *cleared)
+            return (gr.skip(),) * 7
         if not (isinstance(beam_size, (int, float)) and 1 <= int(beam_size) <= max_beam_size):
             return (f"Beam size must be between 1 and {max_beam_size}.", "", *cleared)
         if not (isinstance(length_penalty, (int, float)) and 0 <= length_penalty < float("inf")):
@@ -318,21 +293,24 @@ def page_handlers(gr, captioner, max_beam_size):
             return None
         return str(captioner.figure(result))
 
-    return caption, show_word, figure
+    return new_photo, caption, show_word, figure
 
 
 def build_page(captioner, examples=(), beam_size=3, max_beam_size=10):
     """The Gradio page: upload, beam size, caption, clickable words, attention view, figure download."""
     gr = import_gradio()
-    caption, show_word, figure = page_handlers(gr, captioner, max_beam_size)
+    new_photo, caption, show_word, figure = page_handlers(gr, captioner, max_beam_size)
     with gr.Blocks(title="Show, Attend and Tell", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown("# Show, Attend and Tell\nDrop an image to caption it, then click a word to see where "
                     "the model looked when it wrote that word.")
         result = gr.State(None, time_to_live=FIGURE_MAX_AGE_S)
+        photo = gr.State(None, time_to_live=FIGURE_MAX_AGE_S)  # the photo's path: the chooser is emptied
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label="Your image (drop it here or click to upload)", type="filepath",
                                  elem_id="upload")
+                preview = gr.Image(label="Your photo", type="numpy", interactive=False, format="jpeg",
+                                   elem_id="preview")
                 if examples:
                     gr.Examples([[path] for path in examples], inputs=[upload], label="Or pick a test image")
                 beam = gr.Slider(1, max_beam_size, value=beam_size, step=1, label="Beam size (1 is greedy)",
@@ -346,21 +324,24 @@ def build_page(captioner, examples=(), beam_size=3, max_beam_size=10):
                                          info="argmax: the most likely cell, marked on the image; "
                                               "expectation: the attention-weighted mean, drawn as a map",
                                          elem_id="hard-read")
-                status = gr.Markdown(elem_id="status")
+                status = gr.Markdown("Drop an image above, or pick an example.", elem_id="status")
             with gr.Column():
                 caption_box = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
                 words = gr.Radio(choices=[], label="Words: click one to see its attention", elem_id="words")
                 label = gr.Markdown(elem_id="word-label")
-                view = gr.Image(label="Attention (lighter is more)", type="numpy", interactive=False,
-                                format="png", elem_id="attention")
+                view = gr.Image(label="Attention (what the word looked at stays bright)", type="numpy",
+                                interactive=False, format="png", elem_id="attention")
                 make_figure = gr.Button("Make the figure caption.py draws (PNG)", elem_id="make-figure")
                 figure_file = gr.File(label="Figure", interactive=False, elem_id="figure")
         outputs = [status, caption_box, words, view, label, result, figure_file]
         # A new image (uploaded or picked) or a new decoding setting captions again; "/caption" is the
         # endpoint scripts call (gradio_client: predict(handle_file(path), beam_size, length_penalty,
-        # hard_read, api_name="/caption")).
-        settings = [upload, beam, penalty, hard_read]
-        upload.change(caption, settings, outputs, api_name="caption")
+        # hard_read, api_name="/caption"), whose first two outputs are the status and the caption).
+        # A new photo shows at once and empties the chooser for the next one; its caption follows (one
+        # event, two updates). The photo's path is kept in `photo` for the settings that caption again.
+        upload.change(new_photo, [upload, beam, penalty, hard_read], [*outputs, preview, photo, upload],
+                      api_name="caption")
+        settings = [photo, beam, penalty, hard_read]
         beam.release(caption, settings, outputs, api_name=False)
         penalty.submit(caption, settings, outputs, api_name=False)
         hard_read.input(caption, settings, outputs, api_name=False)

@@ -31,9 +31,19 @@ import torch.nn.functional as F
 LENGTH_PENALTY_HELP = ("alpha of the length penalty that ranks finished beams: their summed log-probability "
                        "divided by ((5 + length) / 6) ** alpha (Wu et al. 2016); 0 ranks by the sum itself, "
                        "higher favours longer captions (default 0)")
+# The most words a caption gets, `<end>` included, unless told otherwise: the tutorial's beam search runs
+# 51 steps (its loop breaks once `step > 50`), so a model that never says `<end>` gets its caption here too.
+MAX_STEPS = 51
+
+
+def is_unfinished(tokens, max_steps):
+    """Whether a caption was cut off at `max_steps` without `<end>`: a finished one has at most
+    max_steps - 1 words, since its `<end>` takes a step."""
+    return len(tokens) >= max_steps
+
 
 @torch.no_grad()
-def beam_search(decoder, encoder_out, start_token, end_token, beam_size=3, max_steps=50,
+def beam_search(decoder, encoder_out, start_token, end_token, beam_size=3, max_steps=MAX_STEPS,
                 return_alphas=False, return_scores=False, length_penalty=0.0):
     """Batched beam search (see the module docstring).
 
@@ -213,7 +223,7 @@ def decode_outputs(captions, return_alphas, return_scores):
 
 
 @torch.no_grad()
-def greedy_decode(decoder, encoder_out, start_token, end_token, max_steps=50, return_alphas=False,
+def greedy_decode(decoder, encoder_out, start_token, end_token, max_steps=MAX_STEPS, return_alphas=False,
                   return_scores=False):
     """Greedy decoding: the most likely word at every step. Same inputs and outputs as `beam_search`;
     written separately so that the two can check each other."""

@@ -5,10 +5,13 @@ r"""Caption one image (or every image in a folder) and draw where the model look
     python caption.py --img data/shapes/images/shapes_000007.jpg --checkpoint runs/demo/train/best.pt \
         --data-folder runs/demo/data --out runs/demo/attention.png
 
-The figure shows the image, then one panel per word with that step's attention map upsampled and
-laid over the image (for a hard-attention model, which reads one cell per word, that cell is marked
-instead). With --data-folder, an image from the packed dataset that has object
-annotations (the shapes set) gets its object boxes drawn too.
+The figure shows the image in its own proportions, then one panel per word with that step's attention
+map stretched over it as the model's resize stretched the image to a square, so that each cell covers
+the pixels it saw: the attended part keeps its brightness and the rest is dimmed, as in the paper's
+figures (for a hard-attention model, which reads one cell per word, that cell is lit and marked
+instead). With --data-folder, an image from the packed dataset that has object annotations (the shapes
+set) gets its object boxes drawn too. A caption that reached --max-steps without <end> is printed, and
+titled in its figure, as unfinished.
 
 Where figures go (--out): a name ending in .png, .jpg, .jpeg, .pdf or .svg is one figure in that
 format (for one --img file); anything else, or a folder that exists, is a folder (made if needed)
@@ -17,21 +20,29 @@ An image that cannot be read is reported in one line and skipped; the exit code 
 """
 
 import argparse
+import io
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageOps
 
-from beam_search import LENGTH_PENALTY_HELP
+from beam_search import LENGTH_PENALTY_HELP, MAX_STEPS, is_unfinished
 from checkpoints import models_from_checkpoint
 from datasets import SPLITS, decode_tokens, meta_file
 from models import HARD_READS
-from utils import (IMAGE_SUFFIXES, UserError, keep_freed_memory, list_images, load_image, normalize_images,
-                   read_json, resolve_device, run_main)
+from utils import (IMAGE_SUFFIXES, UserError, _to_rgb, keep_freed_memory, list_images, load_image,
+                   normalize_images, read_json, resolve_device, run_main)
 
 
 FIGURE_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+FIGURE_DPI = 90
+PANEL_INCHES = 2.2  # the longer side of a figure's panel
+DISPLAY_SIDE = 384  # pixels of a photo's longest side as drawn: a 64x64 demo image is too small to read
+SMALL_IMAGE_SIDE = 16  # below this many pixels a side, the caption says little; caption.py and the page say so
+DIM = 0.25  # brightness left where a word's map is 0: the paper's figures dim what was not attended
 
 
 def parse_args(argv=None):
@@ -41,7 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by train.py")
     parser.add_argument("--beam-size", type=int, default=3, help="beam size (default 3; 1 is greedy)")
     parser.add_argument("--length-penalty", type=float, default=0.0, help=LENGTH_PENALTY_HELP)
-    parser.add_argument("--max-steps", type=int, default=50, help="most words per caption (default 50)")
+    parser.add_argument("--max-steps", type=int, default=MAX_STEPS,
+                        help=f"most words per caption, <end> included (default {MAX_STEPS}, as the tutorial); a "
+                             "caption cut off there is marked unfinished")
     parser.add_argument("--out", type=Path, default=None,
                         help="where the attention figures go: a file ending in " + ", ".join(FIGURE_FORMATS)
                              + " (one --img file), or a folder that gets <image>_<ext>_attention.png per "
@@ -111,66 +124,158 @@ def figure_path(out, image, several, used):
     return out / candidate
 
 
-def attention_figure(image, words, alphas, grid, out_path, objects=None, mark_cells=False):
-    """Save the image and one panel per word with its attention map (grid x grid) laid over it, or
-    with `mark_cells` (a hard model that reads one cell) the cell it read, the map's argmax, marked.
+def load_photo(path, longest_side=DISPLAY_SIDE):
+    """The image file as it is shown: (3, H, W) uint8 in its own proportions (EXIF orientation honoured,
+    any mode made RGB as for the model), resized so that its longest side is `longest_side` pixels."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's chatter about odd EXIF, palettes or huge photos
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (longest_side, longest_side))  # a phone photo decodes at 1/2..1/8 scale
+            image = _to_rgb(ImageOps.exif_transpose(image))
+    scale = longest_side / max(image.size)
+    size = tuple(max(1, round(side * scale)) for side in image.size)  # (W, H)
+    return np.asarray(image.resize(size, Image.Resampling.BICUBIC)).transpose(2, 0, 1).copy()  # (3, H, W)
 
-    image: (3, S, S) uint8; words: list of str; alphas: (len(words), P) float.
-    """
+
+def small_image_note(path):
+    """The one warning for an image too small to caption well (fewer than SMALL_IMAGE_SIDE pixels a
+    side), or "": caption.py prints it, the page shows it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as image:
+            width, height = image.size
+    if min(width, height) >= SMALL_IMAGE_SIDE:
+        return ""
+    return (f"{Path(path).name} is only {width}x{height} pixels; it was stretched to the model's input size, "
+            "so the caption says little about it.")
+
+
+def caption_text(words, max_steps):
+    """The caption as one line, marked when it was cut off at max_steps without <end>."""
+    text = " ".join(words)
+    return f"{text} ... (unfinished: stopped at {max_steps} words)" if is_unfinished(words, max_steps) else text
+
+
+def stretched_map(alpha, grid, height, width):
+    """A word's map (P,) as a (height, width) array: the grid stretched over the whole photo as the
+    encoder's resize stretched the photo onto the grid, so each cell covers the pixels it saw; scaled
+    from 0 where the map is least to 1 where it peaks, as the paper's figures draw it (a flat map: all 1),
+    so that a model whose maps are spread still shows where it looked most."""
+    attention = alpha.detach().float().cpu().view(1, 1, grid, grid)  # (1, 1, grid, grid), row-major as P
+    upsampled = torch.nn.functional.interpolate(attention, size=(height, width), mode="bilinear",
+                                                align_corners=False)[0, 0]  # (H, W)
+    low, high = upsampled.min(), upsampled.max()
+    if high - low < 1e-12:
+        return np.ones((height, width), dtype=np.float32)
+    return ((upsampled - low) / (high - low)).numpy()
+
+
+def attention_panel(photo, alpha, grid, objects=None, mark_cell=False):
+    """What the figure and the page show for one word: the photo (3, H, W) uint8 with the word's map
+    alpha (P,) on it, as (H, W, 3) uint8; alpha None gives the photo itself.
+
+    As in the paper's figures, the attended part keeps its brightness and the rest is dimmed (to DIM
+    where the map is least), so it reads on a busy photo. With mark_cell (a hard model reading one cell)
+    the cell read, the map's argmax, is lit, tinted and outlined in cyan. Object boxes in green."""
+    pixels = photo.transpose(1, 2, 0).astype(np.float32)  # (H, W, 3)
+    height, width = pixels.shape[:2]
+    cell = None
+    if alpha is not None and mark_cell:
+        row, col = divmod(int(alpha.argmax()), grid)
+        cell = [col * width / grid, row * height / grid, (col + 1) * width / grid, (row + 1) * height / grid]
+        lit = np.full((height, width), DIM, dtype=np.float32)  # (H, W)
+        lit[round(cell[1]):round(cell[3]), round(cell[0]):round(cell[2])] = 1.0
+        pixels = pixels * lit[..., None]
+    elif alpha is not None:
+        pixels = pixels * (DIM + (1 - DIM) * stretched_map(alpha, grid, height, width))[..., None]  # (H, W, 3)
+    view = Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8))
+    if cell is not None:
+        tint = Image.new("RGBA", view.size, (0, 0, 0, 0))
+        ImageDraw.Draw(tint).rectangle(cell, fill=(0, 255, 255, 90))
+        view = Image.alpha_composite(view.convert("RGBA"), tint).convert("RGB")
+        ImageDraw.Draw(view).rectangle(cell, outline=(0, 255, 255), width=3)
+    draw = ImageDraw.Draw(view)
+    for obj in objects or []:
+        x0, y0, x1, y1 = obj["bbox"]
+        draw.rectangle([x0 * width, y0 * height, x1 * width, y1 * height], outline=(0, 255, 0), width=2)
+    return np.asarray(view)
+
+
+def draw_figure(image, words, alphas, grid, objects=None, mark_cells=False, unfinished_at=None):
+    """The attention figure as a matplotlib figure: the image, then one panel per word (attention_panel),
+    each panel in the image's own proportions; titled as unfinished when unfinished_at (max steps) is given."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.patches as patches
     import matplotlib.pyplot as plt
 
-    pixels = image.transpose(1, 2, 0)  # (S, S, 3)
-    size = pixels.shape[0]
+    height, width = image.shape[1:]
+    panel_w, panel_h = PANEL_INCHES * min(1.0, width / height), PANEL_INCHES * min(1.0, height / width)
     panels = len(words) + 1
     columns = min(panels, 6)
     rows = (panels + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(max(panel_w, 0.8) * columns, (panel_h + 0.45) * rows + 0.3),
+                             squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    titles = ["<image>"] + words
-    maps = [None] + [a.view(grid, grid)[None, None] for a in alphas]
-    for ax, title, attention in zip(axes.flat, titles, maps):
-        ax.imshow(pixels)
-        if attention is not None and mark_cells:
-            row, col = divmod(int(attention.argmax()), grid)
-            cell = size / grid
-            ax.add_patch(patches.Rectangle((col * cell, row * cell), cell, cell, facecolor=(0, 1, 1, 0.35),
-                                           edgecolor="cyan", linewidth=2.5))
-        elif attention is not None:
-            upsampled = torch.nn.functional.interpolate(attention.float(), size=(size, size), mode="bilinear",
-                                                        align_corners=False)[0, 0].numpy()  # (S, S)
-            ax.imshow(upsampled / max(upsampled.max(), 1e-12), cmap="gray", alpha=0.65, vmin=0, vmax=1)
-        for obj in objects or []:
-            x0, y0, x1, y1 = (np.array(obj["bbox"]) * size).tolist()
-            ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime",
-                                           linewidth=1.2))
+    views = [attention_panel(image, None, grid, objects)]
+    views += [attention_panel(image, alpha, grid, objects, mark_cells) for alpha in alphas]  # word i: its own map
+    for ax, title, view in zip(axes.flat, ["<image>"] + list(words), views):
+        ax.imshow(view)
         ax.set_title(title, fontsize=11)
+    if unfinished_at:
+        fig.suptitle(f"unfinished: stopped at {unfinished_at} words, no <end>", fontsize=11, color="firebrick")
     fig.tight_layout()
+    return fig
+
+
+def attention_figure(image, words, alphas, grid, out_path, objects=None, mark_cells=False, unfinished_at=None):
+    """Save the image and one panel per word with its attention map (grid x grid) on it, or with
+    `mark_cells` (a hard model that reads one cell) the cell it read, the map's argmax, marked.
+
+    image: (3, H, W) uint8, any proportions (the map is stretched onto it as the encoder's resize
+    stretched the image); words: list of str; alphas: (len(words), P) float; unfinished_at: the max
+    steps a caption cut off without <end> stopped at, said in the figure's title (None: finished).
+    """
+    import matplotlib.pyplot as plt
+
+    fig = draw_figure(image, words, alphas, grid, objects, mark_cells, unfinished_at)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=90, format=out_path.suffix.lstrip(".").lower() or "png")
+        fig.savefig(tmp, dpi=FIGURE_DPI, format=out_path.suffix.lstrip(".").lower() or "png")
         tmp.replace(out_path)  # a figure is there whole or not at all
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
 
 
+def attention_figure_array(image, words, alphas, grid, objects=None, mark_cells=False, unfinished_at=None):
+    """attention_figure's PNG as an (H, W, 3) uint8 array (for TensorBoard, or to read its pixels back)."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_figure(image, words, alphas, grid, objects, mark_cells, unfinished_at)
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, dpi=FIGURE_DPI, format="png")
+    finally:
+        plt.close(fig)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
 @torch.no_grad()
 def caption_image(encoder, decoder, word_map, path, image_size, beam_size, max_steps, device, length_penalty=0.0):
-    """Caption one image file; returns (words, attention maps (len(words), P), uint8 pixels)."""
+    """Caption one image file; returns (words, attention maps (len(words), P), the photo as shown:
+    load_photo's (3, H, W) uint8 in its own proportions). The model sees it squashed to a square."""
     pixels = load_image(path, image_size)  # (3, S, S) uint8
     images = normalize_images(torch.from_numpy(pixels)).unsqueeze(0).to(device)  # (1, 3, S, S)
     tokens, alphas = decoder.beam_search(encoder(images), word_map["<start>"], word_map["<end>"],
                                          beam_size=beam_size, max_steps=max_steps, return_alphas=True,
                                          length_penalty=length_penalty)
     rev_word_map = {v: k for k, v in word_map.items()}
-    return decode_tokens(tokens[0], rev_word_map), alphas[0], pixels
+    return decode_tokens(tokens[0], rev_word_map), alphas[0], load_photo(path)
 
 
 def main(argv=None):
@@ -187,7 +292,7 @@ def main(argv=None):
     decoder.hard_read = args.hard_read
     mark_cells = decoder.attention_type == "hard" and args.hard_read == "argmax"
     boxes = known_objects(args.data_folder) if args.data_folder else {}
-    results, failed, used = [], [], set()
+    results, failed, used, unboxed = [], [], set(), []
     for path in images:
         try:
             words, alphas, pixels = caption_image(encoder, decoder, state["word_map"], path, state["image_size"],
@@ -198,16 +303,21 @@ def main(argv=None):
             print(f"skipped: {exc}", file=sys.stderr)
             failed.append(path)
             continue
-        print(f"{path}: {' '.join(words)}")
+        print(f"{path}: {caption_text(words, args.max_steps)}")
+        if small_image_note(path):
+            print(f"note: {small_image_note(path)}", file=sys.stderr)
         if args.out is not None:
             objects = objects_of(path, boxes)
             if boxes and objects is None:
-                print(f"note: {path} is not among the images packed in {args.data_folder} (by absolute path "
-                      "or dataset name), so no object boxes are drawn", file=sys.stderr)
+                unboxed.append(path)
             out = figure_path(args.out, path, several, used)
-            attention_figure(pixels, words, alphas, encoder.encoded_size, out, objects, mark_cells)
+            attention_figure(pixels, words, alphas, encoder.encoded_size, out, objects, mark_cells,
+                             unfinished_at=args.max_steps if is_unfinished(words, args.max_steps) else None)
             print(f"attention figure: {out}")
         results.append((path, words))
+    if unboxed:  # one line for the lot: a folder of one's own photos would otherwise get a note each
+        print(f"note: {len(unboxed)} of {len(images)} images are not among the images packed in {args.data_folder} "
+              "(by absolute path or dataset name), so their figures have no object boxes", file=sys.stderr)
     if failed:
         raise UserError(f"{len(failed)} of {len(images)} images in {args.img} could not be captioned "
                         "(listed above); the others were")

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from beam_search import LENGTH_PENALTY_HELP
+from beam_search import LENGTH_PENALTY_HELP, MAX_STEPS, is_unfinished
 from checkpoints import check_word_maps_match, models_from_checkpoint
 from datasets import SPLITS, CaptionDataset, decode_tokens, meta_file, reference_tokens
 from metrics import bleu_scores, coco_caption_metrics, content_scores, grounding_scores
@@ -38,8 +38,9 @@ def parse_args(argv=None):
     parser.add_argument("--split", choices=SPLITS, default="test", help="split to caption (default test)")
     parser.add_argument("--beam-size", type=int, default=3, help="beam size (default 3; 1 is greedy)")
     parser.add_argument("--length-penalty", type=float, default=0.0, help=LENGTH_PENALTY_HELP)
-    parser.add_argument("--max-steps", type=int, default=50,
-                        help="most words per caption, <end> included (default 50)")
+    parser.add_argument("--max-steps", type=int, default=MAX_STEPS,
+                        help=f"most words per caption, <end> included (default {MAX_STEPS}, as the tutorial); "
+                             "the report says how many captions were cut off there")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="images decoded together, all their beams in one batch (default 64)")
     parser.add_argument("--output-dir", type=Path, default=None,
@@ -134,7 +135,9 @@ def evaluate(encoder, decoder, word_map, data_folder, split, beam_size, max_step
     hyp_words = [decode_tokens(h, rev_word_map) for h in hypotheses]
     ref_words, notes = scoring_references(meta, packed_references, rev_word_map, data_folder)
 
+    unfinished = sum(is_unfinished(h, max_steps) for h in hypotheses)
     metrics = {"split": split, "beam_size": beam_size, "length_penalty": length_penalty, "images": len(hypotheses),
+               "max_steps": max_steps, "unfinished_captions": unfinished,
                "attention": decoder.attention_type,
                **({"hard_read": decoder.hard_read} if decoder.attention_type == "hard" else {}),
                "output_layer": decoder.output_layer, **bleu_scores(ref_words, hyp_words)}
@@ -153,6 +156,9 @@ def evaluate(encoder, decoder, word_map, data_folder, split, beam_size, max_step
         metrics["baseline_content_accuracy"] = content_scores(baseline, objects)["content_accuracy"]
         grid = encoder.encoded_size
         metrics.update(grounding_scores(hyp_words, alphas, objects, grid))
+    if unfinished:
+        notes.append(f"{unfinished} of {len(hypotheses)} captions were unfinished: stopped at {max_steps} words "
+                     "without <end> (--max-steps)")
     metrics["notes"] = notes
     captions = [{"image_id": m["image_id"], "caption": " ".join(w)} for m, w in zip(meta, hyp_words)]
     return metrics, captions

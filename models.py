@@ -20,7 +20,7 @@ import torch
 import torchvision
 from torch import nn
 
-from beam_search import beam_search, greedy_decode
+from beam_search import MAX_STEPS, beam_search, greedy_decode
 from utils import UserError
 
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -397,13 +397,13 @@ class DecoderWithAttention(nn.Module):
             return None
         return torch.rand(batch_size, device=device) < self.hard_expectation_prob
 
-    def beam_search(self, encoder_out, start_token, end_token, beam_size=3, max_steps=50,
+    def beam_search(self, encoder_out, start_token, end_token, beam_size=3, max_steps=MAX_STEPS,
                     return_alphas=False, return_scores=False, length_penalty=0.0):
         """Batched beam search from features (B, P, E): see beam_search.beam_search."""
         return beam_search(self, encoder_out, start_token, end_token, beam_size, max_steps, return_alphas,
                            return_scores, length_penalty)
 
-    def greedy_decode(self, encoder_out, start_token, end_token, max_steps=50, return_alphas=False,
+    def greedy_decode(self, encoder_out, start_token, end_token, max_steps=MAX_STEPS, return_alphas=False,
                       return_scores=False):
         """The most likely word at every step, from features (B, P, E): see beam_search.greedy_decode."""
         return greedy_decode(self, encoder_out, start_token, end_token, max_steps, return_alphas, return_scores)

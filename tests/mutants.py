@@ -45,6 +45,8 @@ TRAINING_RULES = ("tests/test_robustness.py", "-k", "best_checkpoint or decay or
 RESUME = ("tests/test_robustness.py", "-k", "resume_from_an_epoch_end or sigkill_mid_epoch")
 METRICS = ("tests/test_metrics.py",)
 HARD = ("tests/test_hard_attention.py", "-k", "not hard_run and not resume")
+# Read back from the figure's and the view's pixels with a one-hot decoder: no training needed.
+SEEN = ("tests/test_what_users_see.py", "-k", "panel or view or busy or hard_model or tutorial or 51")
 
 MUTATIONS = [
     # ---- beam search and greedy decoding
@@ -192,6 +194,27 @@ MUTATIONS = [
     Mutation("errors: eval accepts a data folder of another word map", "checkpoints.py",
              "    if data_word_map != checkpoint_word_map:\n", "    if False:\n",
              ("tests/test_robustness.py", "-k", "another_word_map")),
+    # ---- what users see: word i's map, where the photo has it (the figure and the page's view)
+    Mutation("shown: figure: panel i shows the next word's map", "caption.py",
+             "for alpha in alphas]  # word i: its own map", "for alpha in [*alphas[1:], *alphas[-1:]]]", SEEN),
+    Mutation("shown: figure and view: the map transposed", "caption.py",
+             "view(1, 1, grid, grid)  # (1, 1, grid, grid), row-major as P",
+             "view(1, 1, grid, grid).transpose(2, 3)  # (1, 1, grid, grid)", SEEN),
+    Mutation("shown: page: the view for word i shows the next word's map", "app.py",
+             "return attention_panel(result.pixels, result.alphas[step],",
+             "return attention_panel(result.pixels, result.alphas[min(step + 1, len(result.words) - 1)],", SEEN),
+    Mutation("shown: figure and view: the photo squashed to a square", "caption.py",
+             "size = tuple(max(1, round(side * scale)) for side in image.size)  # (W, H)",
+             "size = (longest_side, longest_side)  # (W, H)", SEEN),
+    Mutation("shown: figure and view: a hard model's cell marked with row and column swapped", "caption.py",
+             "row, col = divmod(int(alpha.argmax()), grid)", "col, row = divmod(int(alpha.argmax()), grid)", SEEN),
+    Mutation("shown: figure and view: the map drawn as a wash, nothing dimmed", "caption.py",
+             "pixels = pixels * (DIM + (1 - DIM) * stretched_map(alpha, grid, height, width))[..., None]",
+             "pixels = 0.35 * pixels + 0.65 * 255 * stretched_map(alpha, grid, height, width)[..., None]", SEEN),
+    Mutation("shown: captions: one step fewer than the tutorial by default", "beam_search.py",
+             "MAX_STEPS = 51", "MAX_STEPS = 50", SEEN),
+    Mutation("shown: captions: one cut off at max steps passes for finished", "beam_search.py",
+             "return len(tokens) >= max_steps", "return len(tokens) > max_steps", SEEN),
     # ---- what a new user trips over
     Mutation("eval: scored against the packed captions, not every reference", "eval.py",
              'if all("references" in m for m in meta):', 'if not meta:', METRICS),

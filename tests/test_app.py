@@ -5,6 +5,7 @@ The first tests need only the project's requirements and run in `make test`; tho
 the page and need Gradio, and the browser test needs Playwright (both in requirements-app.txt) and
 Debian's chromium package: `make test-app` runs those alone (`pytest -m page`).
 """
+import io
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -157,14 +158,14 @@ def test_each_word_has_its_own_attention_view(captioner, images):
     views = [app.attention_view(result, step) for step in range(len(result.words))]
     assert all(v.shape == (app.DISPLAY_SIDE, app.DISPLAY_SIDE, 3) and v.dtype == np.uint8 for v in views)
     assert not np.array_equal(views[0], views[1])
-    # Where the attention peaks the view is lighter than where it is least.
+    # Where the attention peaks the view keeps more of the photo than where it is least.
     alpha = result.alphas[1].view(captioner.grid, captioner.grid)
     cell = app.DISPLAY_SIDE // captioner.grid
-    brightness = views[1].astype(float).mean(axis=-1)
+    kept = views[1].astype(float).sum(axis=-1) / (result.pixels.astype(float).sum(axis=0) + 1)  # (S, S)
     row, col = divmod(int(alpha.argmax()), captioner.grid)
     low_row, low_col = divmod(int(alpha.argmin()), captioner.grid)
-    peak = brightness[row * cell + cell // 2, col * cell + cell // 2]
-    assert peak > brightness[low_row * cell + cell // 2, low_col * cell + cell // 2]
+    peak = kept[row * cell + cell // 2, col * cell + cell // 2]
+    assert peak > kept[low_row * cell + cell // 2, low_col * cell + cell // 2]
 
 
 def test_the_figure_offered_is_the_one_caption_py_writes(captioner, trained_run, packed_data, images, tmp_path):
@@ -181,7 +182,14 @@ def test_the_figure_offered_is_the_one_caption_py_writes(captioner, trained_run,
 def test_the_page_handler_shows_a_message_and_clears_the_results_for_bad_input(captioner, bad_files, images,
                                                                                 tmp_path):
     gr = pytest.importorskip("gradio", reason=APP_INSTALL)
-    caption_fn, show_word, figure = app.page_handlers(gr, captioner, max_beam_size=10)
+    new_photo, caption_fn, show_word, figure = app.page_handlers(gr, captioner, max_beam_size=10)
+    first, last = new_photo(str(images["copy"]), 3)  # the preview at once, then the caption
+    assert first[0].startswith("Captioning my_photo.jpg") and first[1] == "" and first[5] is None
+    assert first[7].shape == (app.DISPLAY_SIDE, app.DISPLAY_SIDE, 3) and first[8:] == (str(images["copy"]), None)
+    assert last[1] == caption_fn(str(images["copy"]), 3)[1] != ""
+    skipped = [*new_photo(None, 3), caption_fn(None, 3)]  # the chooser emptied: what the page shows stays
+    assert all(isinstance(update, dict) and update.get("__type__") == "update" and len(update) == 1
+               for updates in skipped for update in updates), skipped
     status, text, words, view, label, state, _ = caption_fn(str(images["copy"]), 3)
     assert text == state.caption and view.shape[-1] == 3 and "word 1 of" in label
     assert show_word(1, state)[1].startswith("Where the model looked for word 2")
@@ -237,11 +245,24 @@ def browser_or_skip(playwright, profile):
         viewport={"width": 1280, "height": 900})
 
 
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A landscape (4:3) and a portrait (9:16) photo with visible structure: gradients, stripes, a disc."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = {}
+    for name, (width, height) in {"landscape": (320, 240), "portrait": (180, 320)}.items():
+        y, x = np.mgrid[0:height, 0:width]
+        pixels = np.stack([255 * x / width, 128 + 100 * np.sin(y / 6.0), 255 * y / height], axis=-1)
+        pixels[(x - width / 3) ** 2 + (y - height / 3) ** 2 < (min(width, height) / 5) ** 2] = (250, 240, 30)
+        paths[name] = folder / f"{name}.jpg"
+        Image.fromarray(pixels.astype(np.uint8)).save(paths[name], quality=95)
+    return paths
+
+
 @pytest.mark.page
-def test_a_browser_captions_an_upload_steps_through_words_and_reports_a_text_file(
-        server, captioner, trained_run, images, tmp_path, capsys):
+def test_a_browser_previews_photos_in_their_shape_and_takes_the_next_without_pressing_x(
+        server, captioner, trained_run, photos, tmp_path, capsys):
     sync_api = pytest.importorskip("playwright.sync_api", reason=APP_INSTALL)
-    expected = caption_py_line(trained_run, images["copy"], 3, capsys).split(": ", 1)[1]
     requested = []
     with sync_api.sync_playwright() as playwright:
         browser = browser_or_skip(playwright, tmp_path / "profile")
@@ -249,12 +270,24 @@ def test_a_browser_captions_an_upload_steps_through_words_and_reports_a_text_fil
             page = browser.new_page()
             page.on("request", lambda request: requested.append(request.url))
             page.goto(server)
-            page.locator("#upload input[type=file]").set_input_files(str(images["copy"]))
-            sync_api.expect(page.locator("#caption textarea")).to_have_value(expected, timeout=60_000)
-            first = attention_image(page)
-            page.locator("#words label").nth(1).click()
-            sync_api.expect(page.locator("#word-label")).to_contain_text("word 2 of", timeout=30_000)
-            assert attention_image(page) != first
+            preview_src = overlay_src = None
+            for name, aspect in (("landscape", 4 / 3), ("portrait", 9 / 16)):
+                # The second photo goes into the same chooser, straight after the first: no x pressed.
+                sync_api.expect(page.locator("#upload")).to_contain_text("Drop File Here", timeout=30_000)
+                page.locator("#upload input[type=file]").set_input_files(str(photos[name]))
+                preview, preview_src = shown_image(page, "#preview", aspect, preview_src)
+                assert np.array_equal(preview.shape[:2], app.photo_preview(photos[name]).shape[:2])
+                expected = caption_py_line(trained_run, photos[name], 3, capsys).split(": ", 1)[1]
+                sync_api.expect(page.locator("#word-label")).to_contain_text("word 1 of", timeout=60_000)
+                sync_api.expect(page.locator("#caption textarea")).to_have_value(expected)
+                result = captioner.caption(photos[name], 3)
+                # The overlay shown for each word is that word's map on the photo, in the photo's proportions.
+                overlay, overlay_src = shown_image(page, "#attention", aspect, overlay_src)
+                assert np.array_equal(overlay, app.attention_view(result, 0))
+                page.locator("#words label").nth(1).click()
+                sync_api.expect(page.locator("#word-label")).to_contain_text("word 2 of", timeout=30_000)
+                overlay, overlay_src = shown_image(page, "#attention", aspect, overlay_src)
+                assert np.array_equal(overlay, app.attention_view(result, 1))
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
 
             (tmp_path / "notes.txt").write_text("a shopping list, not a photo\n")
@@ -271,7 +304,17 @@ def test_a_browser_captions_an_upload_steps_through_words_and_reports_a_text_fil
     assert requested and not outside, outside
 
 
-def attention_image(page):
-    """The bytes of the attention view the page shows now."""
-    src = page.locator("#attention img").get_attribute("src", timeout=30_000)
-    return page.request.get(src).body()
+def shown_image(page, element, aspect, previous):
+    """(pixels, src) of the image the page shows in `element` once it is not `previous` (a src) and
+    has loaded; asserts that it is drawn on the page in the proportions `aspect` (width / height), as
+    its pixels are."""
+    selector = f"{element} img"
+    page.wait_for_function("([selector, previous]) => { const img = document.querySelector(selector); return img "
+                           "&& img.complete && img.naturalWidth > 0 && img.getAttribute('src') !== previous; }",
+                           arg=[selector, previous], timeout=60_000)
+    image = page.locator(selector)
+    src, box = image.get_attribute("src"), image.bounding_box()
+    pixels = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+    assert pixels.shape[1] / pixels.shape[0] == pytest.approx(aspect, rel=0.02)
+    assert box["width"] / box["height"] == pytest.approx(aspect, rel=0.03), box
+    return pixels, src

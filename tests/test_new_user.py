@@ -92,7 +92,7 @@ def test_a_folder_with_same_stem_files_and_a_bad_one_gets_every_good_figure_and_
 
 def test_boxes_are_found_from_another_folder_and_after_the_dataset_moved(one_epoch, raw, data, tmp_path, monkeypatch):
     drawn = []
-    monkeypatch.setattr(caption, "attention_figure", lambda pixels, words, alphas, grid, out, objects, *rest:
+    monkeypatch.setattr(caption, "attention_figure", lambda pixels, words, alphas, grid, out, objects, *rest, **options:
                         drawn.append(objects))
     meta = json.loads((data / "train_meta.json").read_text())["images"][0]
     assert Path(meta["file"]).is_absolute() and meta["objects"]
@@ -109,12 +109,17 @@ def test_boxes_are_found_from_another_folder_and_after_the_dataset_moved(one_epo
     assert drawn == [meta["objects"], meta["objects"]]
 
 
-def test_an_image_the_data_folder_does_not_hold_gets_a_note_instead_of_silently_no_boxes(
+def test_images_the_data_folder_does_not_hold_get_one_summary_note_instead_of_silently_no_boxes(
         one_epoch, data, tmp_path, capsys):
-    stranger = solid(tmp_path / "stranger.png")
-    assert run_script(caption, caption_argv(stranger, one_epoch / "last.pt", "--data-folder", data,
-                                            "--out", tmp_path / "f.png"), "caption.py") is None
-    assert f"note: {stranger} is not among the images packed in {data}" in capsys.readouterr().err
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("stranger.png", "other.png"):
+        solid(photos / name)
+    assert run_script(caption, caption_argv(photos, one_epoch / "last.pt", "--data-folder", data,
+                                            "--out", tmp_path / "figures"), "caption.py") is None
+    err = capsys.readouterr().err
+    assert err.count("not among the images packed") == 1
+    assert f"note: 2 of 2 images are not among the images packed in {data}" in err
 
 
 # ----------------------------------------------------------------------------------------------
