@@ -54,13 +54,16 @@ def teacher_forced_log_prob(decoder, features, captions):
     return (log_probs * real).sum(dim=1)
 
 
-def oracle_best_finished(decoder, features):
-    """The best finished caption of each image by exhaustive search: [(words, log-probability)]."""
+def oracle_best_finished(decoder, features, length_penalty=0.0):
+    """The best finished caption of each image by exhaustive search: [(words, log-probability)]. With
+    a length penalty alpha, "best" ranks by log p / ((5 + |y|) / 6) ** alpha (Wu et al. 2016), |y| the
+    words scored: the caption's words and its <end>."""
     captions = [c for c in every_caption(MAX_STEPS) if c[1]]
+    scored_lengths = torch.tensor([len(words) + 1 for words, _ in captions], dtype=torch.float)
     best = []
     for i in range(features.shape[0]):
         log_probs = teacher_forced_log_prob(decoder, features[i:i + 1], captions)
-        top = int(log_probs.argmax())
+        top = int((log_probs / ((5 + scored_lengths) / 6) ** length_penalty).argmax())
         best.append((captions[top][0], float(log_probs[top])))
     return best
 
@@ -82,12 +85,36 @@ def test_beam_search_wide_enough_for_every_caption_returns_the_best_finished_one
     assert len({len(t) for t in tokens}) > 1  # the best captions end at different steps
 
 
+@pytest.mark.parametrize("length_penalty", [0.7, 1.3])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_with_a_length_penalty_the_best_ranked_caption_comes_back_with_its_log_probability(seed, length_penalty):
+    decoder, features = tiny_model(seed)
+    expected = oracle_best_finished(decoder, features, length_penalty)
+    tokens, scores = decoder.beam_search(features, START, END, beam_size=beam_holding_every_hypothesis(),
+                                         max_steps=MAX_STEPS, return_scores=True, length_penalty=length_penalty)
+    assert tokens == [words for words, _ in expected]
+    # The score handed back is the caption's log-probability, not the penalised figure that ranked it.
+    for score, (_, log_prob) in zip(scores, expected):
+        assert score == pytest.approx(log_prob, abs=1e-4)
+
+
+def test_the_length_penalty_changes_which_caption_is_best():
+    # What gives the test above its power: over its seeds, each alpha picks other captions for some images.
+    def picks(rule):
+        return [rule(*tiny_model(seed)) for seed in range(4)]
+
+    alpha0, alpha07, alpha13 = (picks(lambda d, f, a=a: oracle_best_finished(d, f, a)) for a in (0.0, 0.7, 1.3))
+    assert alpha0 != alpha07 and alpha07 != alpha13 and alpha0 != alpha13
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.3])
 @pytest.mark.parametrize("beam_size", [1, 2, 3, 7])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_every_returned_score_is_the_teacher_forced_log_probability_of_its_caption(seed, beam_size):
+def test_every_returned_score_is_the_teacher_forced_log_probability_of_its_caption(seed, beam_size, length_penalty):
     decoder, features = tiny_model(seed)
-    tokens, alphas, scores = decoder.beam_search(features, START, END, beam_size=beam_size,
-                                                 max_steps=MAX_STEPS, return_alphas=True, return_scores=True)
+    tokens, alphas, scores = decoder.beam_search(features, START, END, beam_size=beam_size, max_steps=MAX_STEPS,
+                                                 return_alphas=True, return_scores=True,
+                                                 length_penalty=length_penalty)
     best = oracle_best_finished(decoder, features)
     for i, (words, score) in enumerate(zip(tokens, scores)):
         assert END not in words and len(words) <= MAX_STEPS
