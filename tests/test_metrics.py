@@ -223,3 +223,51 @@ def test_every_caption_the_shapes_grammar_writes_counts_exactly_its_objects():
     assert missing["content_accuracy"] == 0.0 and missing["object_recall"] == 1.0
     recoloured = content_scores(captions, one_recoloured)
     assert recoloured["content_accuracy"] == 0.0 and recoloured["object_precision"] < 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The references eval.py scores against: every caption of an image, whatever training drops
+
+TRAIN_CAPTIONS = ["a red circle above", "a blue square", "a green triangle to the left", "of a yellow diamond",
+                  "one purple circle", "on a grey background"]
+# Test images: a caption longer than --max-len 6; seven captions where 3 are packed; a word no
+# training caption has (<unk> in the word map) and a caption of punctuation only (no words: dropped).
+TEST_ENTRIES = [["a red circle", "a red circle above a blue square to the left of a green triangle"],
+                ["a purple circle", "one purple circle", "a circle", "purple", "a purple shape", "one circle",
+                 "a purple circle on a grey background"],
+                ["a blue square", "a cerulean square", "..."]]
+
+
+def test_eval_scores_against_every_caption_of_an_image_not_only_those_trained_on(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import create_input_files
+
+    entries = [(f"train{i}.png", "train", [c]) for i, c in enumerate(TRAIN_CAPTIONS)]
+    entries += [("val0.png", "val", ["a red circle"])]
+    entries += [(f"test{i}.png", "test", captions) for i, captions in enumerate(TEST_ENTRIES)]
+    for name, _, _ in entries:
+        Image.new("RGB", (16, 16), (30, 30, 200)).save(tmp_path / name)
+    data = tmp_path / "packed"
+    create_input_files.main(pack_args(write_karpathy(tmp_path, entries), tmp_path, data, "--captions-per-image", "3",
+                                      "--max-len", "6"))
+    word_map = json.loads((data / "word_map.json").read_text())
+    # The oracle: the captions as written, split into words, without the one that has none.
+    expected_references = [[c.split() for c in captions if c != "..."] for captions in TEST_ENTRIES]
+    hypotheses = [TEST_ENTRIES[0][1].split(), TEST_ENTRIES[1][6].split(), ["a", "blue", "square"]]
+
+    def decode_split(encoder, decoder, dataset, word_map, *args, **kwargs):  # these captions, not a model's
+        packed = [[list(map(word_map.get, w)) for w in refs] for refs in packed_captions(data, "test")[0]]
+        return [[word_map[w] for w in words] for words in hypotheses], packed, [None] * len(hypotheses)
+
+    monkeypatch.setattr(evaluate_script, "decode_split", decode_split)
+    decoder = SimpleNamespace(attention_type="soft", output_layer="linear")
+    metrics, _ = evaluate_script.evaluate(None, decoder, word_map, data, "test", 1, 20, 4, torch.device("cpu"),
+                                          coco_metrics=False, show_progress=False)
+    assert "cerulean" not in word_map and metrics["notes"] == []
+    for n in range(1, 5):
+        expected = corpus_bleu(expected_references, hypotheses, weights=(1.0 / n,) * n)
+        assert metrics[f"bleu{n}"] == pytest.approx(expected, abs=1e-12)
+    # Scored against the packed captions alone, the first two captions would find no reference equal to them.
+    assert metrics["bleu4"] > corpus_bleu([[r for r in refs if len(r) <= 6][:3] for refs in expected_references],
+                                          hypotheses) + 0.1
