@@ -71,7 +71,7 @@ def spy_on_training(signal_step=None):
     captured["orders"] = []  # the training items this process was given, epoch by epoch
 
     def recording_loader(dataset, **kwargs):
-        if isinstance(kwargs.get("sampler"), list):  # training's shard; validation's is a range
+        if dataset.path.name == "train.h5" and isinstance(kwargs.get("sampler"), list):  # the epoch's shard
             captured["orders"].append(kwargs["sampler"])
         return DataLoader(dataset, **kwargs)
     train.DataLoader = recording_loader
