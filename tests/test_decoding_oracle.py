@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from models import DecoderWithAttention
+from test_decoding import tutorial_beam_search
 
 # <pad> 0, two words 1 and 2, <start> 3, <end> 4: every token is a word the search may pick.
 VOCAB, START, END = 5, 3, 4
@@ -54,6 +55,16 @@ def teacher_forced_log_prob(decoder, features, captions):
     return (log_probs * real).sum(dim=1)
 
 
+def assert_maps_are_the_teacher_forced_ones(decoder, features, tokens, alphas):
+    """Each returned word's attention map is the one the teacher-forced pass gives that word, for
+    every image of the batch (features (N, P, E), tokens and alphas as beam_search returns them)."""
+    for i, (words, maps) in enumerate(zip(tokens, alphas)):
+        full = [START] + words + ([END] if len(words) < MAX_STEPS else [])
+        with torch.no_grad():
+            _, teacher_alphas, _ = decoder(features[i:i + 1], torch.tensor([full]), torch.tensor([len(full)]))
+        torch.testing.assert_close(maps, teacher_alphas[0, :len(words)])
+
+
 def oracle_best_finished(decoder, features, length_penalty=0.0):
     """The best finished caption of each image by exhaustive search: [(words, log-probability)]. With
     a length penalty alpha, "best" ranks by log p / ((5 + |y|) / 6) ** alpha (Wu et al. 2016), |y| the
@@ -77,12 +88,14 @@ def beam_holding_every_hypothesis():
 def test_beam_search_wide_enough_for_every_caption_returns_the_best_finished_one(seed):
     decoder, features = tiny_model(seed)
     expected = oracle_best_finished(decoder, features)
-    tokens, scores = decoder.beam_search(features, START, END, beam_size=beam_holding_every_hypothesis(),
-                                         max_steps=MAX_STEPS, return_scores=True)
+    tokens, alphas, scores = decoder.beam_search(features, START, END, beam_size=beam_holding_every_hypothesis(),
+                                                 max_steps=MAX_STEPS, return_alphas=True, return_scores=True)
     assert tokens == [words for words, _ in expected]
     for score, (_, log_prob) in zip(scores, expected):
         assert score == pytest.approx(log_prob, abs=1e-4)
     assert len({len(t) for t in tokens}) > 1  # the best captions end at different steps
+    # The winners finished in beams far from the first (of the 341 ranked at their step, many score higher).
+    assert_maps_are_the_teacher_forced_ones(decoder, features, tokens, alphas)
 
 
 @pytest.mark.parametrize("length_penalty", [0.7, 1.3])
@@ -90,12 +103,34 @@ def test_beam_search_wide_enough_for_every_caption_returns_the_best_finished_one
 def test_with_a_length_penalty_the_best_ranked_caption_comes_back_with_its_log_probability(seed, length_penalty):
     decoder, features = tiny_model(seed)
     expected = oracle_best_finished(decoder, features, length_penalty)
-    tokens, scores = decoder.beam_search(features, START, END, beam_size=beam_holding_every_hypothesis(),
-                                         max_steps=MAX_STEPS, return_scores=True, length_penalty=length_penalty)
+    tokens, alphas, scores = decoder.beam_search(features, START, END, beam_size=beam_holding_every_hypothesis(),
+                                                 max_steps=MAX_STEPS, return_alphas=True, return_scores=True,
+                                                 length_penalty=length_penalty)
     assert tokens == [words for words, _ in expected]
     # The score handed back is the caption's log-probability, not the penalised figure that ranked it.
     for score, (_, log_prob) in zip(scores, expected):
         assert score == pytest.approx(log_prob, abs=1e-4)
+    assert_maps_are_the_teacher_forced_ones(decoder, features, tokens, alphas)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.7, 1.3])
+@pytest.mark.parametrize("beam_size", [2, 3, 5])
+def test_narrow_beams_return_the_tutorials_caption(beam_size, length_penalty):
+    # Beams narrower than the tree: finished captions leave the beam and free their places, and never
+    # extend, as in the tutorial's plain one-image search (test_decoding.tutorial_beam_search).
+    compared = 0
+    for seed in range(8):
+        decoder, features = tiny_model(seed)
+        tokens = decoder.beam_search(features, START, END, beam_size=beam_size, max_steps=MAX_STEPS,
+                                     length_penalty=length_penalty)
+        for i, words in enumerate(tokens):
+            with torch.no_grad():
+                expected = tutorial_beam_search(decoder, features[i:i + 1], START, END, beam_size, MAX_STEPS,
+                                                length_penalty)
+            if expected is not None:  # where the tutorial's search finished a caption
+                assert words == expected, (seed, i)
+                compared += 1
+    assert compared >= NUM_IMAGES  # narrow beams often finish nothing in 4 steps
 
 
 def test_the_length_penalty_changes_which_caption_is_best():
