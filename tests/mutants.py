@@ -96,6 +96,9 @@ MUTATIONS = [
              "self.score = torch.where(better, ranks[rows, top], self.score)", ORACLE),
     Mutation("beam: a finished caption's maps taken from beam 0", "beam_search.py",
              "alpha_history[rows, top], self.alphas)", "alpha_history[rows, 0], self.alphas)", ORACLE),
+    Mutation("beam: a finished beam stays live and extends", "beam_search.py",
+             "beam_scores = beam_scores.masked_fill(just_finished, -math.inf)  # (n, K)",
+             "beam_scores = beam_scores  # (n, K)", ORACLE),
     # ---- CIDEr-D and self-critical training
     Mutation("cider: repeated n-grams not clipped to the reference's counts", "cider.py",
              "min(weight, ref_weight) * ref_weight", "weight * ref_weight", ("tests/test_cider.py",)),

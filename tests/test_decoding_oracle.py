@@ -1,11 +1,13 @@
 """Decoding checked against an oracle that shares none of its code: every caption a tiny model can
 produce, each scored by the teacher-forced pass, and the best one found by enumerating them all."""
 import itertools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from beam_search import beam_search
 from models import DecoderWithAttention
 from test_decoding import tutorial_beam_search
 
@@ -178,3 +180,48 @@ def test_greedy_decoding_takes_the_teacher_forced_best_word_at_every_step(seed):
         assert step_scores[0].argmax(dim=1).tolist() == full[1:]
         expected = teacher_forced_log_prob(decoder, features[i:i + 1], [(words, finished)])
         assert scores[i] == pytest.approx(float(expected), abs=1e-4)
+
+
+class ScriptedDecoder:
+    """A stand-in for DecoderWithAttention with the three methods beam search calls, whose next-word
+    probabilities are written out per caption so far (`table`: {words after <start>: {word: p}},
+    <end> with certainty for any other caption). Its state h carries the caption so far as a number."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def project_encoder(self, encoder_out):
+        return encoder_out
+
+    def init_hidden_state(self, encoder_out):
+        zeros = encoder_out.new_zeros(encoder_out.shape[0], 1)  # (B, 1): no caption yet
+        return zeros, zeros
+
+    def decode_step(self, encoder_out, encoder_proj, words, h, c):
+        h = h * VOCAB + words.unsqueeze(1)  # (B*K, 1): the caption so far, <start> first, in base VOCAB
+        probs = torch.full((len(words), VOCAB), 1e-6)  # (B*K, V)
+        for row, code in enumerate(h.squeeze(1).long().tolist()):
+            caption = []
+            while code:
+                code, word = divmod(code, VOCAB)
+                caption.insert(0, word)
+            for word, p in self.table.get(tuple(caption[1:]), {END: 1.0}).items():
+                probs[row, word] = p
+        alpha = torch.full((len(words), encoder_out.shape[1]), 1.0 / encoder_out.shape[1])  # (B*K, P)
+        return probs.log(), h, c, alpha
+
+
+def test_a_finished_beam_never_extends():
+    # Beam 2. Step 1: "<end>" (0.5) finishes the empty caption, "a" (0.45) goes on. Step 2: one place
+    # is left: "a b" (0.4275) takes it, "a b <end>" then finishes. A finished beam that went on living
+    # would take that place with "<end> a" (0.495) and lose "a b".
+    a, b = 1, 2
+    decoder = ScriptedDecoder({(): {END: 0.5, a: 0.45, b: 0.05}, (a,): {b: 0.95, END: 0.05},
+                               (a, b): {END: 1.0}, (END,): {a: 0.99, END: 0.01}})
+    features = torch.zeros(2, 3, 6)
+    for length_penalty, words, probability in [(0.0, [], 0.5), (1.0, [a, b], 0.45 * 0.95)]:
+        # At alpha 1, log 0.4275 / (8 / 6) = -0.637 ranks above log 0.5 / (6 / 6) = -0.693.
+        tokens, scores = beam_search(decoder, features, START, END, beam_size=2, max_steps=MAX_STEPS,
+                                     return_scores=True, length_penalty=length_penalty)
+        assert tokens == [words, words]
+        assert scores == pytest.approx([math.log(probability)] * 2, abs=1e-4)
