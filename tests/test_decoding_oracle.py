@@ -1,5 +1,7 @@
-"""Decoding checked against an oracle that shares none of its code: every caption a tiny model can
-produce, each scored by the teacher-forced pass, and the best one found by enumerating them all."""
+"""Decoding checked against oracles that share none of its code: every caption a tiny model can
+produce, each scored by the teacher-forced pass, and the best one found by enumerating them all (with
+and without a length penalty); the tutorial's plain one-image search for narrow beams; and a decoder
+whose word probabilities are written out, with the answer worked out by hand."""
 import itertools
 import math
 
