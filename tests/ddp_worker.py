@@ -4,8 +4,9 @@
 
 Everything after `--` goes to train.main unchanged. Into DIR/rank{RANK}.pt each process saves its
 final encoder and decoder state dicts, the history train.main returned (or its exit code), the
-metrics and captions of its last validate() call, and every file it opened for writing (a Python
-audit hook), so the test can compare processes without train.py knowing it is being tested.
+metrics and captions of its last validate() call, the order of its training items in each epoch,
+and every file it opened for writing (a Python audit hook), so the test can compare processes without
+train.py knowing it is being tested.
 """
 
 import argparse
@@ -67,6 +68,13 @@ def spy_on_training(signal_step=None):
         return wrapper
 
     train.train_one_epoch = spy(train.train_one_epoch, "train", lambda run, *_: (run.encoder, run.decoder))
+    captured["orders"] = []  # the training items this process was given, epoch by epoch
+
+    def recording_loader(dataset, **kwargs):
+        if dataset.path.name == "train.h5" and isinstance(kwargs.get("sampler"), list):  # the epoch's shard
+            captured["orders"].append(kwargs["sampler"])
+        return DataLoader(dataset, **kwargs)
+    train.DataLoader = recording_loader
     train.validate = spy(train.validate, "validate", lambda encoder, decoder, *_: (encoder, decoder))
     if signal_step is not None:
         # top5_correct runs once per training step, after that step's stop flags were all-reduced:
@@ -115,6 +123,7 @@ def main():
     encoder, decoder = (train.unwrap(m) for m in captured["models"])
     result["state"] = {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
                        **{f"decoder.{k}": v for k, v in decoder.state_dict().items()}}
+    result["orders"] = captured["orders"]
     if "validate" in captured:
         result["validate"] = captured["validate"]
 

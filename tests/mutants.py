@@ -3,6 +3,7 @@ each of them.
 
     make mutants                                  # every mutation, 2 at a time (about 10 minutes on 2 cores)
     python tests/mutants.py --only beam           # the mutations whose name contains "beam"
+    python tests/mutants.py --only cider: --only scst:    # those of either
     python tests/mutants.py --list                # what each mutation does and which tests should catch it
 
 Each mutation names a file, the exact text it replaces (which must occur there once) and the text put in
@@ -44,6 +45,13 @@ PACKING = ("tests/test_packing_rules.py",)
 TRAINING_RULES = ("tests/test_robustness.py", "-k", "best_checkpoint or decay or early_stop or infinite_gradient")
 RESUME = ("tests/test_robustness.py", "-k", "resume_from_an_epoch_end or sigkill_mid_epoch")
 METRICS = ("tests/test_metrics.py",)
+LENGTH_PENALTY = ("tests/test_decoding_oracle.py", "-k", "length_penalty")
+SCST_PAIRING = ("tests/test_scst.py", "-k", "own_image")
+SCST_DDP = ("tests/test_scst.py", "-k", "two_processes")
+CIDER = ("tests/test_cider.py",)
+REFERENCES = ("tests/test_metrics.py", "-k", "every_caption_of_an_image")
+CONTENT = ("tests/test_metrics.py", "-k", "grammar or content")
+SCHEDULE = ("tests/test_robustness.py", "-k", "reshuffles")
 HARD = ("tests/test_hard_attention.py", "-k", "not hard_run and not resume")
 # Read back from the figure's and the view's pixels with a one-hot decoder: no training needed.
 SEEN = ("tests/test_what_users_see.py", "-k", "panel or view or busy or hard_model or tutorial or 51")
@@ -54,18 +62,18 @@ MUTATIONS = [
     # place from the live beams.
     Mutation("beam: beams that are not live can finish", "beam_search.py",
              "just_finished = (next_words == end_token) & (beam_scores > -math.inf)  # (n, K)",
-             "just_finished = next_words == end_token  # (n, K)", ("tests/test_decoding.py", "-k", "tutorial")),
+             "just_finished = next_words == end_token  # (n, K)", ORACLE),
     # A finished caption keeps its place among the live beams, as the search did before it kept them apart.
     Mutation("beam: finished captions do not free their places", "beam_search.py",
              "scores = scores.masked_fill(torch.arange(k, device=scores.device) >= places, -math.inf)  # (n, K)",
-             "scores = scores  # (n, K)", ("tests/test_decoding.py", "-k", "tutorial")),
+             "scores = scores  # (n, K)", ORACLE),
     Mutation("beam: parent beam from the wrong divisor", "beam_search.py",
              "return scores, flat_index // vocab_size,", "return scores, flat_index // k,", ORACLE),
     Mutation("beam: the last caption to finish is returned, not the best", "beam_search.py",
              "better = top_rank > self.rank", "better = top_rank > -math.inf", ORACLE),
     Mutation("beam: the length penalty divides by the wrong length", "beam_search.py",
              "rank_score(beam_scores, t + 1, length_penalty)", "rank_score(beam_scores, 1, length_penalty)",
-             ("tests/test_decoding.py", "-k", "tutorial")),
+             LENGTH_PENALTY),
     Mutation("beam: all K beams start live (K copies of one hypothesis)", "beam_search.py",
              "beam_scores[:, 0] = 0.0", "beam_scores[:, :] = 0.0", ORACLE),
     Mutation("beam: each word's map from its own row, not its parent's", "beam_search.py",
@@ -75,6 +83,24 @@ MUTATIONS = [
              "    for t in range(max_steps):\n", "    for t in range(max_steps - 1):\n", DECODING),
     Mutation("greedy: the least likely word", "beam_search.py",
              "words = logits.argmax(dim=1)  # (B,)", "words = logits.argmin(dim=1)  # (B,)", ORACLE),
+    # The length penalty (Wu et al. 2016) at alpha other than 0 and 1, and which length it counts.
+    Mutation("beam: the length penalty multiplied by alpha, not raised to it", "beam_search.py",
+             "return log_prob_sums / ((5.0 + length) / 6.0) ** length_penalty",
+             "return log_prob_sums / (((5.0 + length) / 6.0) * length_penalty)", LENGTH_PENALTY),
+    Mutation("beam: the length penalty counts the words without <end>", "beam_search.py",
+             "rank_score(beam_scores, t + 1, length_penalty)", "rank_score(beam_scores, t, length_penalty)",
+             LENGTH_PENALTY),
+    Mutation("beam: the length penalty without its constant 5", "beam_search.py",
+             "((5.0 + length) / 6.0) ** length_penalty", "(length / 6.0) ** length_penalty", LENGTH_PENALTY),
+    # What beam search hands back with a finished caption.
+    Mutation("beam: the penalised rank handed back as the caption's score", "beam_search.py",
+             "self.score = torch.where(better, scores[rows, top], self.score)",
+             "self.score = torch.where(better, ranks[rows, top], self.score)", ORACLE),
+    Mutation("beam: a finished caption's maps taken from beam 0", "beam_search.py",
+             "alpha_history[rows, top], self.alphas)", "alpha_history[rows, 0], self.alphas)", ORACLE),
+    Mutation("beam: a finished beam stays live and extends", "beam_search.py",
+             "beam_scores = beam_scores.masked_fill(just_finished, -math.inf)  # (n, K)",
+             "beam_scores = beam_scores  # (n, K)", ORACLE),
     # ---- CIDEr-D and self-critical training
     Mutation("cider: repeated n-grams not clipped to the reference's counts", "cider.py",
              "min(weight, ref_weight) * ref_weight", "weight * ref_weight", ("tests/test_cider.py",)),
@@ -86,6 +112,26 @@ MUTATIONS = [
              "step_counted.append(~ended)  # a word after <end> is padding",
              "step_counted.append(torch.ones_like(ended))  # a word after <end> is padding",
              ("tests/test_scst.py", "-k", "sampling")),
+    # Each sample rewarded against its own image's references; the gradient averaged over processes.
+    Mutation("scst: samples rewarded against the references tiled, not repeated", "scst.py",
+             "sampled_refs = [refs for refs in references for _ in range(args.scst_samples)]",
+             "sampled_refs = references * args.scst_samples", SCST_PAIRING),
+    Mutation("scst: references looked up by position in the batch, not by image", "scst.py",
+             "references = [run.references[i] for i in indices.tolist()]",
+             "references = [run.references[i] for i in range(len(indices))]", SCST_PAIRING),
+    Mutation("scst: samples drawn from the images tiled, not repeated", "scst.py",
+             "encoder_out = encoder_out.repeat_interleave(num_samples, dim=0)  # (B*S, P, E)",
+             "encoder_out = encoder_out.repeat(num_samples, 1, 1)  # (B*S, P, E)", SCST_PAIRING),
+    Mutation("scst: the processes' gradients summed, not averaged", "scst.py",
+             "                p.grad /= run.world_size\n", "                pass\n", SCST_DDP),
+    Mutation("scst: each process steps with its own gradient", "scst.py",
+             "                torch_dist.all_reduce(p.grad)\n", "                pass\n", SCST_DDP),
+    # The reference cache must key on an image's whole reference set.
+    Mutation("cider: reference vectors cached by an image's first reference", "cider.py",
+             "key = tuple(tuple(ref) for ref in references)", "key = tuple(references[0])", CIDER),
+    Mutation("cider: reference vectors cached by the set of references (repeats merged)", "cider.py",
+             "key = tuple(tuple(ref) for ref in references)", "key = frozenset(tuple(ref) for ref in references)",
+             CIDER),
     # ---- the model and its loss
     Mutation("penalty: sign flipped in the loss", "losses.py",
              "+ alpha_c * attention_penalty(alphas).mean()", "- alpha_c * attention_penalty(alphas).mean()",
@@ -104,8 +150,7 @@ MUTATIONS = [
              "reinforce_weight * (rewards - baseline) * location_log_probs",
              "reinforce_weight * (baseline - rewards) * location_log_probs", HARD),
     Mutation("hard: the entropy bonus lowers the entropy", "losses.py",
-             "entropies = -torch.special.xlogy(alphas, alphas).sum(dim=2)",
-             "entropies = torch.special.xlogy(alphas, alphas).sum(dim=2)", HARD),
+             "entropies = -(alphas * alphas.clamp(", "entropies = (alphas * alphas.clamp(", HARD),
     Mutation("hard: a caption meant to read the expectation reads a sampled cell", "models.py",
              "context = torch.where(read_expectation.unsqueeze(1), soft_context, context)",
              "context = torch.where(read_expectation.unsqueeze(1), context, soft_context)", HARD),
@@ -180,6 +225,44 @@ MUTATIONS = [
              "cols = (edges[:-1] < x1) & (edges[1:] > x0)", "cols = (edges[:-1] <= x1) & (edges[1:] >= x0)", METRICS),
     Mutation("baseline: an image may be given its own captions", "eval.py",
              "donor = order[(position + 1) % len(order)]", "donor = order[position]", METRICS),
+    # ---- what eval.py scores against, content accuracy, the training schedule
+    Mutation("references: captions longer than --max-len left out", "create_input_files.py",
+             """            record["references"].append(tokens)
+            if len(tokens) > max_len:
+                dropped["long_captions"] += 1
+            else:
+                tokenized.append(tokens)
+""", """            if len(tokens) > max_len:
+                dropped["long_captions"] += 1
+            else:
+                tokenized.append(tokens)
+                record["references"].append(tokens)
+""", REFERENCES),
+    Mutation("references: the metadata keeps the training captions as references", "create_input_files.py",
+             '"references": record["references"],', '"references": record["tokens"],', REFERENCES),
+    Mutation("references: eval cuts each image's references to five", "eval.py",
+             'return [m["references"] for m in meta], []', 'return [m["references"][:5] for m in meta], []',
+             REFERENCES),
+    Mutation("content: the colour looked for one word too far back", "metrics.py",
+             "for j in (i - 1, i - 2):", "for j in (i - 2, i - 3):", CONTENT),
+    Mutation("content: skipping the leading article shifts every index", "metrics.py",
+             "for i, word in enumerate(words):", "for i, word in enumerate(words[1:]):", CONTENT),
+    Mutation("content: naming more objects than the image has counts as exact", "metrics.py",
+             "exact += named == present", "exact += named >= present", CONTENT),
+    Mutation("content: as many objects named as present counts as exact", "metrics.py",
+             "exact += named == present", "exact += len(named) == len(present)", CONTENT),
+    Mutation("schedule: the sampler's order is the same every epoch", "train.py",
+             "        sampler.set_epoch(progress.epoch)\n", "        sampler.set_epoch(0)\n", SCHEDULE),
+    Mutation("schedule: each process shuffles with a seed of its own", "train.py",
+             "shuffle=True,\n                                 seed=args.seed)",
+             "shuffle=True,\n                                 seed=args.seed + run.rank)",
+             ("tests/test_distributed.py", "-k", "two_processes_train_one_model")),
+    Mutation("schedule: a run resumed mid-epoch decays its learning rates again", "train.py",
+             "return progress.samples_done == 0 and since > 0", "return since > 0", SCHEDULE),
+    Mutation("schedule: resume sets the decoder's learning rate back to --decoder-lr", "train.py",
+             '    optimizers["decoder"].load_state_dict(state["decoder_optimizer"])\n',
+             '    optimizers["decoder"].load_state_dict(state["decoder_optimizer"])\n'
+             '    optimizers["decoder"].param_groups[0]["lr"] = args.decoder_lr\n', SCHEDULE),
     # ---- the scripts' error handling
     Mutation("errors: a user error becomes a traceback", "utils.py",
              'raise SystemExit(f"{prog}: error: {exc}") from None', "raise",
@@ -313,12 +396,13 @@ def table(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="run only the mutations whose name contains this text")
+    parser.add_argument("--only", action="append", default=None,
+                        help="run only the mutations whose name contains this text (repeat it for several)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="mutations tried at once, each with one thread (default 2, for 2 cores)")
     parser.add_argument("--list", action="store_true", help="list the mutations and their tests, run nothing")
     args = parser.parse_args(argv)
-    mutations = [m for m in MUTATIONS if args.only in m.name]
+    mutations = [m for m in MUTATIONS if not args.only or any(text in m.name for text in args.only)]
     if args.list:
         for m in mutations:
             print(f"{m.name}\n    {m.file}: {m.before.strip()!r} -> {m.after.strip()!r}")

@@ -57,3 +57,30 @@ def test_document_frequencies_count_images_not_captions():
     df = document_frequencies([[["a", "cat"], ["a", "cat"]], [["a", "dog"]]])
     assert df[("a",)] == 2 and df[("cat",)] == 1 and df[("a", "cat")] == 1
     assert ngram_counts(["a", "a", "a"]) == {("a",): 3, ("a", "a"): 2, ("a", "a", "a"): 1}
+
+
+def test_images_sharing_some_references_each_get_their_own_score_as_pycocoevalcap_gives():
+    # The reference vectors are cached per image: images whose reference sets overlap (the same first
+    # caption, a subset, one caption repeated) must still be scored against their own whole set,
+    # whichever of them is scored first. Images 0 to 4 get the same caption, so only their references
+    # make their scores differ.
+    first, second = "a red circle above a blue square", "a blue square below a red circle"
+    reference_sets = [[first, second, "two shapes on grey"],
+                      [first, second],
+                      [second, first, "two shapes on grey"],
+                      [first, second, second],
+                      [first, "a small red circle", "a circle and a square"],
+                      ["a green triangle", "a yellow diamond"],
+                      ["a purple square", "a large purple square"],
+                      ["a small green diamond", "a yellow circle"]]
+    references = [[r.split() for r in refs] for refs in reference_sets]
+    hypotheses = [first.split()] * 5 + [c.split() for c in ("a green diamond", "a purple square", "a yellow circle")]
+    gts = {i: refs for i, refs in enumerate(reference_sets)}
+    res = {i: [" ".join(h)] for i, h in enumerate(hypotheses)}
+    expected_corpus, expected_each = Cider().compute_score(gts, res)
+    for order in (list(range(8)), list(range(8))[::-1]):  # the cache filled from either end
+        scorer = CiderD.from_references(references)
+        each = {i: scorer.score(hypotheses[i], references[i]) for i in order}
+        assert [each[i] for i in range(8)] == pytest.approx(list(expected_each), abs=1e-6)
+    assert scorer.corpus_score(hypotheses, references) == pytest.approx(float(expected_corpus), abs=1e-6)
+    assert len({round(float(expected_each[i]), 6) for i in (0, 1, 3, 4)}) == 4  # the sets' scores differ

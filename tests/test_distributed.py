@@ -133,7 +133,7 @@ def ddp_run(tiny_data, tmp_path_factory):
     return out, read_dumps(dump)
 
 
-def test_two_processes_train_one_model_and_rank0_writes_one_run(ddp_run):
+def test_two_processes_train_one_model_and_rank0_writes_one_run(ddp_run, tiny_data):
     out, dumps = ddp_run
     assert [d["exit_code"] for d in dumps] == [0, 0]
     # DDP kept the weights (and the BatchNorm statistics) bit-identical, and every per-epoch metric and
@@ -141,6 +141,14 @@ def test_two_processes_train_one_model_and_rank0_writes_one_run(ddp_run):
     assert_same_state(dumps[0]["state"], dumps[1]["state"])
     assert len(dumps[0]["history"]) == 2
     assert without_seconds(dumps[0]["history"]) == without_seconds(dumps[1]["history"])
+
+    # Every epoch, the two processes share one new order of the training items: each gets its half.
+    orders = [d["orders"] for d in dumps]
+    items = len(CaptionDataset(tiny_data, "train"))
+    assert [len(o) for o in orders] == [2, 2]
+    for epoch in (0, 1):
+        assert sorted(orders[0][epoch] + orders[1][epoch]) == list(range(items))
+    assert orders[0][0] != orders[0][1] and orders[1][0] != orders[1][1]
 
     # One run's files, written by rank 0 only, holding the unwrapped modules rank 0 trained.
     assert sorted(os.listdir(out)) == RUN_FILES

@@ -1,6 +1,7 @@
 """Metrics against figures computed here by hand, by nltk directly or by the official COCO scorer:
 eval.py's BLEU on its own captions file and every reference, eval.py's scores against COCOEvalCap's,
 and the shapes set's content and grounding scores."""
+import itertools
 import json
 import shutil
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ import torch
 from nltk.translate.bleu_score import corpus_bleu
 
 import eval as evaluate_script
+import make_shapes_dataset
 from conftest import pack_args, packed_captions, write_karpathy
 from metrics import box_cells, coco_caption_metrics, content_scores, grounding_scores
 
@@ -156,3 +158,117 @@ def test_eval_scores_every_reference_once_as_the_official_coco_scorer_does(tmp_p
     packed_scores, _ = coco_caption_metrics(
         [[[w for w in c if w != "<unk>"] for c in refs] for refs in packed_captions(data, "test")[0]], HYPOTHESES)
     assert abs(packed_scores["cider"] - scores["CIDEr"]) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Content accuracy against every caption the shapes generator's grammar can write
+
+
+class EveryChoice:
+    """A stand-in for make_captions' random.Random: the templates from number `first` on (wrapping
+    round), the objects named in `order`. Records how many templates there are."""
+
+    def __init__(self, first, order):
+        self.first, self.order, self.templates = first, order, 0
+
+    def sample(self, population, k):
+        if callable(population[0]):  # the templates of this object count
+            self.templates = len(population)
+            return [population[(self.first + j) % len(population)] for j in range(k)]
+        return [population[i] for i in self.order]  # the objects, in the order to name them
+
+
+def every_generated_caption(objects):
+    """Every caption make_captions can write for `objects`: each template, naming them in each order."""
+    captions = set()
+    for order in itertools.permutations(range(len(objects))):
+        first, templates = 0, 1
+        while first < templates:  # 5 of the templates from `first` on: every one is picked at least once
+            choice = EveryChoice(first, order)
+            captions.update(make_shapes_dataset.make_captions(objects, choice))
+            first, templates = first + 1, choice.templates
+    return captions
+
+
+def object_sets():
+    """Every set of 1 to 3 objects the generator draws: distinct (colour, shape) pairs, in every size
+    (for 3 objects, every set with the 8 size patterns taken in turn), at places that give relations."""
+    pairs = list(itertools.product(make_shapes_dataset.COLOURS, make_shapes_dataset.SHAPES))
+    boxes = [[4, 4, 20, 20], [40, 6, 56, 22], [10, 40, 26, 56]]
+    sets = []
+    for count in (1, 2, 3):
+        size_patterns = list(itertools.product(make_shapes_dataset.SIZES, repeat=count))
+        for n, chosen in enumerate(itertools.combinations(pairs, count)):
+            patterns = size_patterns if count < 3 else [size_patterns[n % len(size_patterns)]]
+            for sizes in patterns:
+                sets.append([{"colour": c, "shape": s, "size": z, "bbox": b}
+                             for (c, s), z, b in zip(chosen, sizes, boxes)])
+    return sets
+
+
+def test_every_caption_the_shapes_grammar_writes_counts_exactly_its_objects():
+    captions, truth, one_missing, one_recoloured = [], [], [], []
+    for objects in object_sets():
+        unused = next(c for c in make_shapes_dataset.COLOURS if c not in {o["colour"] for o in objects})
+        for caption in every_generated_caption(objects):
+            captions.append(caption.split())
+            truth.append(objects)
+            one_missing.append(objects[1:])
+            one_recoloured.append([{**objects[0], "colour": unused}] + objects[1:])
+    assert len(captions) > 40_000 and {len(o) for o in truth} == {1, 2, 3}
+    assert content_scores(captions, truth) == {"content_accuracy": 1.0, "object_precision": 1.0,
+                                               "object_recall": 1.0}
+    # The same captions judged against other objects: none of them is right any more.
+    missing = content_scores(captions, one_missing)
+    assert missing["content_accuracy"] == 0.0 and missing["object_recall"] == 1.0
+    recoloured = content_scores(captions, one_recoloured)
+    assert recoloured["content_accuracy"] == 0.0 and recoloured["object_precision"] < 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The references eval.py scores against: every caption of an image, whatever training drops
+
+TRAIN_CAPTIONS = ["a red circle above", "a blue square", "a green triangle to the left", "of a yellow diamond",
+                  "one purple circle", "on a grey background"]
+# Test images: a caption longer than --max-len 6; seven captions where 3 are packed; a word no
+# training caption has (<unk> in the word map) and a caption of punctuation only (no words: dropped).
+TEST_ENTRIES = [["a red circle", "a red circle above a blue square to the left of a green triangle"],
+                ["a purple circle", "one purple circle", "a circle", "purple", "a purple shape", "one circle",
+                 "a purple circle on a grey background"],
+                ["a blue square", "a cerulean square", "..."]]
+
+
+@pytest.mark.filterwarnings("ignore:\\s*The hypothesis contains 0 counts")  # nltk, on the packed-only figure
+def test_eval_scores_against_every_caption_of_an_image_not_only_those_trained_on(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import create_input_files
+
+    entries = [(f"train{i}.png", "train", [c]) for i, c in enumerate(TRAIN_CAPTIONS)]
+    entries += [("val0.png", "val", ["a red circle"])]
+    entries += [(f"test{i}.png", "test", captions) for i, captions in enumerate(TEST_ENTRIES)]
+    for name, _, _ in entries:
+        Image.new("RGB", (16, 16), (30, 30, 200)).save(tmp_path / name)
+    data = tmp_path / "packed"
+    create_input_files.main(pack_args(write_karpathy(tmp_path, entries), tmp_path, data, "--captions-per-image", "3",
+                                      "--max-len", "6"))
+    word_map = json.loads((data / "word_map.json").read_text())
+    # The oracle: the captions as written, split into words, without the one that has none.
+    expected_references = [[c.split() for c in captions if c != "..."] for captions in TEST_ENTRIES]
+    hypotheses = [TEST_ENTRIES[0][1].split(), TEST_ENTRIES[1][6].split(), ["a", "blue", "square"]]
+
+    def decode_split(encoder, decoder, dataset, word_map, *args, **kwargs):  # these captions, not a model's
+        packed = [[list(map(word_map.get, w)) for w in refs] for refs in packed_captions(data, "test")[0]]
+        return [[word_map[w] for w in words] for words in hypotheses], packed, [None] * len(hypotheses)
+
+    monkeypatch.setattr(evaluate_script, "decode_split", decode_split)
+    decoder = SimpleNamespace(attention_type="soft", output_layer="linear")
+    metrics, _ = evaluate_script.evaluate(None, decoder, word_map, data, "test", 1, 20, 4, torch.device("cpu"),
+                                          coco_metrics=False, show_progress=False)
+    assert "cerulean" not in word_map and metrics["notes"] == []
+    for n in range(1, 5):
+        expected = corpus_bleu(expected_references, hypotheses, weights=(1.0 / n,) * n)
+        assert metrics[f"bleu{n}"] == pytest.approx(expected, abs=1e-12)
+    # Scored against the packed captions alone, the first two captions would find no reference equal to them.
+    assert metrics["bleu4"] > corpus_bleu([[r for r in refs if len(r) <= 6][:3] for refs in expected_references],
+                                          hypotheses) + 0.1

@@ -3,6 +3,7 @@ import argparse
 import csv
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -50,24 +51,26 @@ def test_train_resume_eval_caption(packed_data, trained_run, tmp_path, shapes_ra
     assert [int(r["epoch"]) for r in history] == [0, 1, 2]
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 3
 
-    # eval.py and caption.py through their command lines, as a user runs them.
-    out = tmp_path / "eval"
-    result = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(run / "best.pt"), "--data-folder",
-                             str(packed_data), "--beam-size", "3", "--output-dir", str(out), "--workers", "0",
-                             "--no-coco-metrics"], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    # eval.py and caption.py through their command lines, as a user runs them; side by side, since most
+    # of each run is its interpreter's start and imports.
+    out, figure = tmp_path / "eval", tmp_path / "figure.png"
+    image = sorted((shapes_raw / "images").glob("*.jpg"))[0]
+    commands = [["eval.py", "--checkpoint", str(run / "best.pt"), "--data-folder", str(packed_data),
+                 "--beam-size", "3", "--output-dir", str(out), "--workers", "0", "--no-coco-metrics"],
+                ["caption.py", "--img", str(image), "--checkpoint", str(run / "best.pt"), "--data-folder",
+                 str(packed_data), "--out", str(figure)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one core each
+    processes = [subprocess.Popen([sys.executable, *command], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for command in commands]
+    (_, eval_stderr), (caption_stdout, caption_stderr) = (process.communicate(timeout=300) for process in processes)
+    assert processes[0].returncode == 0, eval_stderr
     metrics = json.loads((out / "metrics_test_beam3.json").read_text())
     assert 0.0 <= metrics["bleu4"] <= 1.0 and "content_accuracy" in metrics and "baseline_bleu4" in metrics
     captions = json.loads((out / "captions_test_beam3.json").read_text())
     assert len(captions) == metrics["images"] and all({"image_id", "caption"} == c.keys() for c in captions)
 
-    image = sorted((shapes_raw / "images").glob("*.jpg"))[0]
-    figure = tmp_path / "figure.png"
-    result = subprocess.run([sys.executable, "caption.py", "--img", str(image), "--checkpoint",
-                             str(run / "best.pt"), "--data-folder", str(packed_data), "--out", str(figure)],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert str(image) in result.stdout and figure.stat().st_size > 1000
+    assert processes[1].returncode == 0, caption_stderr
+    assert str(image) in caption_stdout and figure.stat().st_size > 1000
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

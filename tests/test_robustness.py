@@ -27,6 +27,7 @@ import models
 import train
 import utils
 from conftest import pack_args, write_karpathy
+from datasets import CaptionDataset
 
 REPO = Path(__file__).resolve().parents[1]
 # ResNet-18 cut after layer2 on 32x32 images: a 4x4 grid. Small enough for ~20 steps a second on one core;
@@ -450,22 +451,26 @@ def test_sigkill_mid_epoch_then_resume_loses_only_the_steps_since_the_checkpoint
     assert float(resumed["train_top5"]) == pytest.approx(float(straight["train_top5"]), rel=1e-9)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_sigint_and_sigterm_save_a_checkpoint_before_exiting(data, tmp_path, signum):
-    out = tmp_path / "run"
-    argv = train_argv(data, out, "--save-every", "1000", epochs=3, batch=4)
-    process = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # args.json is written right before the first step, once the signal handlers are in place.
-    wait_for(lambda: (out / "args.json").exists(), process)
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=60)
-    stderr = stderr.decode()
-    assert process.returncode == 128 + signum, stderr
-    assert "Traceback" not in stderr and f"stopped by signal {int(signum)}" in stderr
-    state = checkpoints.load_checkpoint(out / "last.pt")
-    assert state["samples_done"] > 0 and state["samples_done"] % 4 == 0
-    assert state["epoch"] < 3
+def test_sigint_and_sigterm_save_a_checkpoint_before_exiting(data, tmp_path):
+    # One run per signal, side by side: most of each run is its interpreter's start and imports.
+    runs = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / signum.name
+        argv = train_argv(data, out, "--save-every", "1000", epochs=3, batch=4)
+        runs[signum] = out, subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=ENV,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for signum, (out, process) in runs.items():
+        # args.json is written right before the first step, once the signal handlers are in place.
+        wait_for(lambda: (out / "args.json").exists(), process)
+        process.send_signal(signum)
+    for signum, (out, process) in runs.items():
+        _, stderr = process.communicate(timeout=60)
+        stderr = stderr.decode()
+        assert process.returncode == 128 + signum, stderr
+        assert "Traceback" not in stderr and f"stopped by signal {int(signum)}" in stderr
+        state = checkpoints.load_checkpoint(out / "last.pt")
+        assert state["samples_done"] > 0 and state["samples_done"] % 4 == 0
+        assert state["epoch"] < 3
 
 
 def sigterm_at_training_step(monkeypatch, step):
@@ -705,6 +710,66 @@ def test_training_stops_after_early_stop_patience_epochs_without_improvement(dat
     assert checkpoints.load_checkpoint(out / "best.pt")["epoch"] == 1
 
 
+def scripted_epochs(monkeypatch, stop_in_epoch=None, stop_after=5):
+    """Training epochs that train nothing: each records (epoch, decoder learning rate, the order of the
+    items it was given) into the list returned and marks them done. With `stop_in_epoch`, that epoch
+    is stopped by SIGTERM after `stop_after` items, as a time limit would."""
+    seen = []
+
+    def train_one_epoch(run, loader, stop, show_progress=True, on_step=None):
+        order = list(loader.sampler)
+        seen.append((run.progress.epoch, run.optimizers["decoder"].param_groups[0]["lr"], order))
+        if run.progress.epoch == stop_in_epoch and run.progress.samples_done == 0:
+            run.progress.samples_done += stop_after
+            stop.signal = signal.SIGTERM
+            return True
+        run.progress.samples_done += len(order)
+        return False
+
+    monkeypatch.setattr(train, "train_one_epoch", train_one_epoch)
+    return seen
+
+
+# BLEU-4 per epoch: no improvement after epoch 0 until epoch 4, so with patience 2 the rates decay once,
+# before epoch 3 (2 epochs without improving), and not before epoch 4 (3 epochs: not a multiple of 2).
+SCHEDULE_BLEU4 = [0.5, 0.4, 0.3, 0.2, 0.6, 0.1]
+SCHEDULE = ["--lr-decay-patience", "2", "--lr-decay-factor", "0.5"]
+
+
+def test_the_sampler_reshuffles_every_epoch_and_rates_decay_once_however_the_run_is_resumed(data, tmp_path,
+                                                                                            monkeypatch):
+    scripted_validation(monkeypatch, SCHEDULE_BLEU4)
+    straight = scripted_epochs(monkeypatch)
+    train.main(train_argv(data, tmp_path / "straight", *SCHEDULE, epochs=6))
+    assert [lr for _, lr, _ in straight] == pytest.approx([3e-3] * 3 + [1.5e-3] * 3)
+    orders = [order for _, _, order in straight]
+    items = len(CaptionDataset(data, "train"))
+    assert all(sorted(order) == list(range(items)) for order in orders)  # every caption once an epoch
+    assert len({tuple(order) for order in orders}) == 6  # in a new order every epoch
+
+    # Stopped in epoch 3, just after the decay, then resumed: the decay is not applied again, and the
+    # epoch goes on with the items it had not reached, in the same order.
+    scripted_validation(monkeypatch, SCHEDULE_BLEU4)
+    stopped = scripted_epochs(monkeypatch, stop_in_epoch=3)
+    argv = train_argv(data, tmp_path / "stopped", *SCHEDULE, epochs=6)
+    with pytest.raises(SystemExit):
+        train.main(argv)
+    train.main(argv + ["--resume", str(tmp_path / "stopped" / "last.pt")])
+    assert stopped[:4] == straight[:4] and stopped[4] == (3, pytest.approx(1.5e-3), straight[3][2][5:])
+    assert stopped[5:] == straight[4:]
+
+    # Resumed at epoch boundaries: before the decay (at the end of epoch 2) and just after it (epoch 3).
+    scripted_validation(monkeypatch, SCHEDULE_BLEU4)
+    resumed = scripted_epochs(monkeypatch)
+    out = tmp_path / "resumed"
+    for epochs in (3, 4, 6):
+        train.main(train_argv(data, out, *SCHEDULE, epochs=epochs)
+                   + (["--resume", str(out / "last.pt")] if epochs > 3 else []))
+    assert resumed == straight
+    assert [float(r["decoder_lr"]) for r in read_history(out)] == [lr for _, lr, _ in straight]
+    assert checkpoints.load_checkpoint(out / "last.pt")["decoder_optimizer"]["param_groups"][0]["lr"] == 1.5e-3
+
+
 # ----------------------------------------------------------------------------------------------
 # Resume with other arguments
 
@@ -835,12 +900,24 @@ def test_caption_refuses_unreadable_images_and_empty_folders(one_epoch, tmp_path
     assert_one_line_error(message, "caption.py", empty_folder, "no images")
 
 
+def run_subprocesses_at_once(*commands, timeout=120):
+    """Run repository scripts side by side, each command a (script, *args); returns their
+    CompletedProcesses. Most of such a run is its interpreter's start and imports, which overlap."""
+    processes = [subprocess.Popen([sys.executable, script, *map(str, args)], cwd=REPO, env=ENV, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script, *args in commands]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results
+
+
 def test_eval_and_caption_errors_from_the_command_line(misfits, data, raw, tmp_path):
-    result = run_subprocess("eval.py", "--checkpoint", misfits["json"], "--data-folder", data, "--workers", "0",
-                            "--output-dir", tmp_path)
-    assert_process_error(result, misfits["json"], "not a checkpoint")
-    result = run_subprocess("caption.py", "--img", tmp_path, "--checkpoint", misfits["other_vocabulary"])
-    assert_process_error(result, tmp_path, "no images")
+    eval_result, caption_result = run_subprocesses_at_once(
+        ("eval.py", "--checkpoint", misfits["json"], "--data-folder", data, "--workers", "0", "--output-dir", tmp_path),
+        ("caption.py", "--img", tmp_path, "--checkpoint", misfits["other_vocabulary"]))
+    assert_process_error(eval_result, misfits["json"], "not a checkpoint")
+    assert_process_error(caption_result, tmp_path, "no images")
 
 
 def test_ctrl_c_outside_the_training_loop_exits_130_in_one_line(capsys):

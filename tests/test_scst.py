@@ -1,5 +1,7 @@
-"""Self-critical training (scst.py): sampling, advantages, one update's direction, exact resume, and a
-tiny run whose reward rises. Runs start from the session's tiny cross-entropy model (trained_run)."""
+"""Self-critical training (scst.py): sampling, advantages, one update's direction, exact resume, a
+tiny run whose reward rises, each sample's reward against its own image's references, and one update
+on two torchrun processes against one process. Runs start from the session's tiny cross-entropy model
+(trained_run)."""
 import csv
 import json
 import math
@@ -15,7 +17,9 @@ import torch.nn.functional as F
 
 import models
 import scst
+import scst_worker
 from checkpoints import load_checkpoint, models_from_checkpoint
+from cider import CiderD, split_references
 from datasets import CaptionDataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,17 +180,82 @@ def test_a_cross_entropy_checkpoint_cannot_be_resumed_as_scst(trained_run, packe
         scst.main(scst_args(trained_run, packed_data, tmp_path, "--resume", trained_run / "best.pt"))
 
 
-def test_two_processes_under_torchrun_train_and_rank0_writes_one_run(trained_run, packed_data, tmp_path):
-    # Sampling does not go through a DDP forward, so scst.py averages the gradients itself: two gloo
-    # processes must run their steps together to the end, and only rank 0 writes the run's files.
-    out = tmp_path / "run"
+# ----------------------------------------------------------------------------------------------
+# Which references a sample is rewarded against, and one update on two processes
+
+
+def test_each_sample_is_drawn_from_its_own_images_features():
+    torch.manual_seed(0)
+    decoder = models.DecoderWithAttention(vocab_size=12, encoder_dim=8, attention_dim=6, embed_dim=5,
+                                          decoder_dim=7, dropout=0.0).eval()
+    features = torch.randn(3, 4, 8) * 2  # (B, P, E): three images that the decoder tells apart
+    words, log_probs, _ = scst.sample_captions(decoder, features, 10, 11, num_samples=4, max_length=6)
+    # The oracle: the teacher-forced pass of each sample's words on the features of its image, the
+    # samples of an image being consecutive rows.
+    own_features = features[torch.arange(3).repeat_interleave(4)]  # (B*S, P, E)
+    with torch.no_grad():
+        captions = F.pad(words, (1, 0), value=10)
+        scores, _, _ = decoder(own_features, captions, torch.full((12,), captions.shape[1]))
+    expected = F.log_softmax(scores, dim=2).gather(2, words.unsqueeze(2)).squeeze(2)  # (B*S, T)
+    torch.testing.assert_close(log_probs.detach(), expected)
+
+
+SAME_UPDATE = ["--scst-samples", 2, "--scst-baseline", "mean", "--grad-clip", 0, "--max-sample-length", 6,
+               "--seed", 3]
+
+
+@pytest.fixture(scope="module")
+def one_process_update(trained_run, packed_data, tmp_path_factory):
+    """What scst_worker.record_first_update records of one process's first step, 4 images a step."""
+    record = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        handle = scst_worker.record_first_update(monkeypatch.setattr, record, packed_data)
+        try:
+            scst.main(scst_args(trained_run, packed_data, tmp_path_factory.mktemp("scst_one"), "--batch-size", 4,
+                                "--steps-per-epoch", 1, *SAME_UPDATE))
+        finally:
+            handle.remove()
+    return record
+
+
+def test_each_sample_is_rewarded_against_its_own_images_references(one_process_update, packed_data):
+    record = one_process_update
+    references = split_references(packed_data, "train")
+    scorer = CiderD.from_references(references)
+    rev_word_map = {v: k for k, v in json.loads((packed_data / "word_map.json").read_text()).items()}
+    end = json.loads((packed_data / "word_map.json").read_text())["<end>"]
+    samples = scst.caption_words(torch.tensor(record["tokens"]), end, rev_word_map)
+    owners = [i for i in record["indices"] for _ in range(2)]  # 2 samples per image, in a row
+    rewards = [scorer.score(words, references[i]) for words, i in zip(samples, owners)]
+    assert record["reward"] == pytest.approx(sum(rewards) / len(rewards), rel=1e-6)
+    # Paired with another image's references, the same samples would earn other rewards.
+    assert len({tuple(map(tuple, references[i])) for i in record["indices"]}) == 4
+    assert max(rewards) > 0
+
+
+def test_one_update_on_two_processes_equals_one_process_on_both_batches(one_process_update, trained_run,
+                                                                        packed_data, tmp_path):
+    # Sampling is not a forward() that DDP could hook, so scst.py averages the gradients itself: under
+    # torchrun, 2 processes of 2 images each must apply the gradient one process computes on all 4.
+    out, dump = tmp_path / "run", tmp_path / "dump"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scst.py",
-               *scst_args(trained_run, packed_data, out, "--epochs", 2, "--steps-per-epoch", 3, "--batch-size", 2,
-                          "--scst-samples", 2)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "tests/scst_worker.py", "--dump", str(dump), "--",
+               *scst_args(trained_run, packed_data, out, "--epochs", 2, "--steps-per-epoch", 1, "--batch-size", 2,
+                          *SAME_UPDATE)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(dump / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    single = one_process_update
+    assert sorted(ranks[0]["indices"] + ranks[1]["indices"]) == sorted(single["indices"])
+    assert len(single["grads"]) == len(ranks[0]["grads"]) > 0
+    assert any(bool(g.abs().sum() > 0) for g in single["grads"])
+    for on_rank0, on_rank1, on_one in zip(ranks[0]["grads"], ranks[1]["grads"], single["grads"]):
+        torch.testing.assert_close(on_rank0, on_rank1, rtol=0, atol=0)  # every process applies the same
+        torch.testing.assert_close(on_rank0, on_one, rtol=1e-4, atol=1e-7)  # the mean, not the sum
+
+    # The run goes on to the end, and only rank 0 writes its files.
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
