@@ -134,13 +134,18 @@ def rebuild_tensor(storage, offset, size, stride, requires_grad, backward_hooks,
     return tensor.requires_grad_(bool(requires_grad) and tensor.is_floating_point())
 
 
+def rebuild_parameter(data, requires_grad, backward_hooks, *state):
+    """torch._utils._rebuild_parameter without the hooks a file could carry: a Parameter of `data`."""
+    return torch.nn.Parameter(data, bool(requires_grad))
+
+
 def tensor_globals():
     """What reading tensors needs: storage classes (any device; the tensors come to the CPU), the
     tensor and Parameter rebuilders of torch 0.4 to 1.5, and the containers around them."""
     names = {"collections.OrderedDict": OrderedDict, "builtins.set": set, "builtins.dict": dict,
              "torch._utils._rebuild_tensor_v2": rebuild_tensor,
              "torch.nn.parameter.Parameter": torch.nn.Parameter,  # 0.4: Parameter(tensor, requires_grad)
-             "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter}  # 1.0 and later
+             "torch._utils._rebuild_parameter": rebuild_parameter}  # 1.0 and later
     for name, dtype in ELEMENT_TYPES.items():
         names[f"torch.{name}Storage"] = names[f"torch.cuda.{name}Storage"] = StorageKind(dtype)
     return names

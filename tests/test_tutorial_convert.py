@@ -266,6 +266,19 @@ def test_an_encoder_that_trained_other_blocks_converts_with_a_note(trained, part
                           "train, which start afresh"] if fresh else [])
 
 
+def test_a_legacy_file_a_later_pytorch_wrote_converts_too(tmp_path):
+    # PyTorch 1.0-1.5 kept the legacy format, with Parameters rebuilt by torch._utils._rebuild_parameter.
+    encoder, decoder = tiny_models()
+    modules = tutorial_modules(encoder, decoder, ARCH, fine_tune=True)
+    save_tutorial_checkpoint(tmp_path / "t.pth.tar", *modules, *tutorial_optimizers(*modules), zip_archive=False)
+    assert safe_unpickle.is_legacy_file(tmp_path / "t.pth.tar")
+    assert "torch._utils._rebuild_parameter" in safe_unpickle.pickled_globals(tmp_path / "t.pth.tar")
+    state, notes = convert_tutorial.convert_checkpoint(tmp_path / "t.pth.tar", tutorial_word_map(WORDS), IMAGE_SIZE)
+    assert notes == [] and state["args"]["fine_tune_encoder"] is True
+    for name, module in (("encoder", encoder), ("decoder", decoder)):
+        assert all(torch.equal(state[name][k], v) for k, v in module.state_dict().items())
+
+
 def test_an_optimiser_that_does_not_map_restarts_and_says_so(tmp_path):
     encoder, decoder = tiny_models()
     modules = tutorial_modules(encoder, decoder, ARCH, fine_tune=False)

@@ -192,13 +192,14 @@ def tutorial_optimizers(encoder, decoder, decoder_lr=4e-4, encoder_lr=1e-4, step
 
 
 def save_tutorial_checkpoint(path, encoder, decoder, encoder_optimizer, decoder_optimizer, epoch=3,
-                             epochs_since_improvement=1, bleu4=0.21, **extra):
-    """A checkpoint as the tutorial's utils.save_checkpoint writes it: whole modules and optimisers."""
+                             epochs_since_improvement=1, bleu4=0.21, zip_archive=True, **extra):
+    """A checkpoint as the tutorial's utils.save_checkpoint writes it, whole modules and optimisers,
+    with today's torch.save: a zip archive, or its legacy format if not zip_archive."""
     state = {"epoch": epoch, "epochs_since_improvement": epochs_since_improvement, "bleu-4": bleu4,
              "encoder": encoder, "decoder": decoder, "encoder_optimizer": encoder_optimizer,
              "decoder_optimizer": decoder_optimizer, **extra}
     with tutorial_models_module():
-        torch.save(state, path)
+        torch.save(state, path, _use_new_zipfile_serialization=zip_archive)
     return path
 
 
