@@ -286,7 +286,7 @@ def resnet_parts(names):
 
 def mapped_adam_state(pickled, names_by_param, params):
     """A pickled tutorial Adam's state dict, re-indexed for `params` [(name, Parameter)] in this
-    repo's order, and None or which of them start afresh; or None and why it does not map."""
+    repo's order, and a note when some of them start afresh (or None); or None and why it does not map."""
     if pickled is None:
         return None, "the tutorial's checkpoint has no optimiser for it"
     is_adam = getattr(pickled, "pickled_name", None) == "torch.optim.adam.Adam"
@@ -303,24 +303,24 @@ def mapped_adam_state(pickled, names_by_param, params):
            for i, moments in state.items() for k, v in moments.items()):
         return None, "its moment estimates do not have the parameters' shapes"
     group = {k: v for k, v in groups[0].items() if k != "params"}
-    fresh = [name for name in order if name not in theirs]
-    return {"state": state, "param_groups": [{**group, "params": list(range(len(order)))}]}, fresh or None
+    fresh = sum(name not in theirs for name in order)  # an edited fine_tune() trained other tensors
+    note = f"keeps its moment estimates but for {fresh} tensors it did not train, which start afresh" if fresh else None
+    return {"state": state, "param_groups": [{**group, "params": list(range(len(order)))}]}, note
 
 
 def convert_optimizer(pickled, names_by_param, params, lr):
     """(an Adam state dict for `params`, a note or None) from the tutorial's optimiser: its state, or a
     fresh Adam's at `lr` and why the tutorial's does not carry over."""
-    saved, why = mapped_adam_state(pickled, names_by_param, params)
+    saved, note = mapped_adam_state(pickled, names_by_param, params)  # why not, when saved is None
     optimizer = torch.optim.Adam([p for _, p in params], lr=lr)
     if saved is not None:
         try:
             optimizer.load_state_dict(saved)
-            fresh = why and f"keeps its moment estimates but for {len(why)} tensors it did not train, which start afresh"
-            return optimizer.state_dict(), fresh
+            return optimizer.state_dict(), note
         except (ValueError, KeyError, TypeError) as exc:
-            why = f"torch refused it ({exc})"
+            note = f"torch refused it ({exc})"
             optimizer = torch.optim.Adam([p for _, p in params], lr=lr)
-    return optimizer.state_dict(), f"state restarts: {why}"
+    return optimizer.state_dict(), f"state restarts: {note}"
 
 
 def optimizer_states(checkpoint, encoder, decoder, tutorial_names, args):
