@@ -618,7 +618,9 @@ def main(argv=None):
         print(f"converted {manifest['images']} images into {args.output_folder}, "
               f"vocabulary {manifest['vocab_size']} words")
         return manifest
-    word_map = read_json(args.word_map, "the tutorial's word map")
+    word_map = read_json(args.word_map, "the word map the model was trained with: the tutorial's "
+                         "WORDMAP_<base>.json, downloaded with its released model or written by its "
+                         "create_input_files.py; pass its path to --word-map")
     check_word_map(word_map, args.word_map)
     state, notes = convert_checkpoint(args.checkpoint, word_map, args.image_size)
     save_checkpoint(args.output, state)
