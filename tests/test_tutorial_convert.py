@@ -616,9 +616,9 @@ def test_tutorial_folders_that_do_not_fit_are_refused_naming_the_folder_and_the_
             convert_tutorial.main(["data", "--tutorial-folder", str(folder), *out])
         assert str(caught.value) == message
     # The right folder with another --base-name: every file of that name is listed.
-    with pytest.raises(UserError, match=rf"{re.escape(str(tutorial_folder))}: no WORDMAP_coco_1\.json, "
-                                        r"TRAIN_IMAGES_coco_1\.hdf5, TRAIN_CAPTIONS_coco_1\.json, .*TEST_CAPLENS_"
-                                        r"coco_1\.json \(looked for WORDMAP_coco_1\.json, .*\); pass --tutorial-folder"):
+    listed = (r"no WORDMAP_coco_1\.json, TRAIN_IMAGES_coco_1\.hdf5, TRAIN_CAPTIONS_coco_1\.json, .*TEST_CAPLENS_"
+              r"coco_1\.json \(looked for WORDMAP_coco_1\.json, .*\); pass --tutorial-folder")
+    with pytest.raises(UserError, match=rf"{re.escape(str(tutorial_folder))}: {listed}"):
         convert_tutorial.main(["data", "--tutorial-folder", str(tutorial_folder), "--base-name", "coco_1", *out])
     assert not (tmp_path / "out").exists()
     folder = tmp_path / "short"
