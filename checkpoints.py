@@ -7,11 +7,14 @@ and the random state a resumed run continues from.
 
 import pickle
 import random
+import re
+import shlex
 import zipfile
 from pathlib import Path
 
 import torch
 
+import safe_unpickle
 from datasets import WORD_MAP, read_word_map
 from models import DecoderWithAttention, Encoder
 from utils import UserError, atomic_write
@@ -60,13 +63,16 @@ def load_checkpoint(path):
     if path.stat().st_size == 0:
         raise UserError(f"{path}: empty file (0 bytes), not a checkpoint written by train.py")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
-        raise UserError(f"{path}: not a PyTorch zip archive, so not a checkpoint written by train.py")
+        refuse_tutorial_checkpoint(path)
+        raise UserError(f"{path}: not a PyTorch zip archive, so not a checkpoint written by train.py; pass the "
+                        "best.pt or last.pt in train.py's --output-dir")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # what weights_only=True raises for anything but plain types
-        raise UserError(f"{path}: holds pickled Python objects (a whole model, as the original tutorial "
-                        "saved?) rather than the plain state dicts train.py writes; refusing to unpickle "
-                        "it, since that could run arbitrary code") from None
+        refuse_tutorial_checkpoint(path)
+        raise UserError(f"{path}: holds pickled Python objects rather than the plain state dicts train.py "
+                        "writes; refusing to unpickle it, since that could run arbitrary code; pass the best.pt "
+                        "or last.pt in train.py's --output-dir") from None
     except Exception as exc:  # torch raises many types for damaged archives
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise UserError(f"{path}: not a checkpoint written by train.py ({reason[:200]})") from None
@@ -77,6 +83,38 @@ def load_checkpoint(path):
         raise UserError(f"{path}: checkpoint format {state['format_version']} is not "
                         f"{CHECKPOINT_VERSION}, the one this code reads")
     return state
+
+
+def refuse_tutorial_checkpoint(path):
+    """Raise a UserError giving the convert_tutorial.py command when `path` is a checkpoint of sgrvinod's
+    tutorial (whole modules pickled, in either of torch.save's formats), found without unpickling it."""
+    try:
+        names = safe_unpickle.pickled_globals(path)
+    except (safe_unpickle.UnreadableFile, zipfile.BadZipFile, OSError):
+        return
+    if {"models.Encoder", "models.DecoderWithAttention"} & names:
+        raise UserError(f"{path}: a checkpoint of the PyTorch tutorial (a-PyTorch-Tutorial-to-Image-Captioning), "
+                        f"which this code reads once converted: run `{tutorial_conversion_command(path)}` and "
+                        "pass the .pt file it writes instead")
+
+
+def tutorial_conversion_command(path):
+    """The convert_tutorial.py command for the tutorial checkpoint `path`: the word map is the
+    tutorial's WORDMAP_<base>.json beside it (the <base> read from the checkpoint's name, or the
+    released model's), the output a .pt file of the same name beside it."""
+    path = Path(path)
+    match = re.fullmatch(r"(?:BEST_)?checkpoint_(.+)\.pth\.tar", path.name)
+    siblings = sorted(path.parent.glob("WORDMAP_*.json"))
+    if match:
+        word_map = path.parent / f"WORDMAP_{match.group(1)}.json"
+    elif len(siblings) == 1:
+        word_map = siblings[0]
+    else:
+        word_map = path.parent / "WORDMAP_coco_5_cap_per_img_5_min_word_freq.json"
+    stem = path.name[:-len(".pth.tar")] if path.name.endswith(".pth.tar") else path.stem
+    output = path.parent / (stem + ("_converted" if path.suffix == ".pt" else "") + ".pt")
+    return " ".join(["python convert_tutorial.py checkpoint", "--checkpoint", shlex.quote(str(path)),
+                     "--word-map", shlex.quote(str(word_map)), "--output", shlex.quote(str(output))])
 
 
 def models_from_checkpoint(path, device):

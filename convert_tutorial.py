@@ -10,17 +10,22 @@ _CAPLENS_<base>.json, WORDMAP_<base>.json) into create_input_files.py's layout w
 image again: the images are copied in chunks, the captions re-read from the JSON files, and the word
 map kept as it is, so that a converted checkpoint and converted data fit each other.
 
-`checkpoint` turns a tutorial checkpoint into one of train.py's, which eval.py, caption.py and
-`train.py --resume` read with nothing else. The tutorial pickles whole modules and optimisers, and
-unpickling runs whatever code the file names; this reads the file with torch's weights_only
-unpickler, with inert stand-ins for the few classes such a checkpoint holds (neither the tutorial's
-models.py nor this repo's is imported or run), and refuses any other class, naming it.
+`checkpoint` turns a tutorial checkpoint into one of train.py's, which eval.py, caption.py, app.py
+and `train.py --resume` read with nothing else: the file PyTorch 0.4 wrote (torch.save's legacy
+format, saved from a GPU; the released model is one) or one saved again as a zip archive. The
+tutorial pickles whole modules and optimisers, and unpickling runs whatever code the file names;
+this first lists the names the file's pickle holds without running anything and refuses any outside
+the few a tutorial checkpoint needs, naming them; then it reads the file with an unpickler that
+knows those names alone (torch's weights_only one for a zip archive, safe_unpickle.py's for the
+legacy format), with inert stand-ins for the tutorial's classes (neither the tutorial's models.py
+nor this repo's is imported or run).
 """
 
 import argparse
 import random
 import re
 import sys
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import safe_unpickle
 import train
 from checkpoints import CHECKPOINT_VERSION, build_models, save_checkpoint
 from datasets import MANIFEST, SPECIAL_TOKENS, SPLITS, WORD_MAP, decode_tokens, meta_file, split_file, strip_special
@@ -62,8 +68,14 @@ def _plain_dict(*args):
     return {}
 
 
+def _no_backend():
+    """Stand-in for torch.nn.backends.thnn._get_thnn_function_backend, which PyTorch 0.4 pickled as
+    every module's `_backend`: nothing here uses a backend."""
+    return None
+
+
 # Every class a tutorial checkpoint holds: its three modules, the torch and torchvision modules
-# inside them, and the Adam optimisers. Tensors, OrderedDicts and sets torch allows by itself.
+# inside them, and the Adam optimisers.
 TUTORIAL_CLASSES = (
     "models.Encoder", "models.Attention", "models.DecoderWithAttention",
     "torchvision.models.resnet.Bottleneck", "torchvision.models.resnet.BasicBlock",
@@ -76,41 +88,51 @@ TUTORIAL_CLASSES = (
     "torch.optim.adam.Adam",
 )
 STAND_INS = {name: type(name.rsplit(".", 1)[1], (Pickled,), {"pickled_name": name}) for name in TUTORIAL_CLASSES}
+# The stand-ins and the functions such a checkpoint calls; tensors, OrderedDicts and sets torch
+# allows by itself, and safe_unpickle.tensor_globals() lists for the legacy format.
 SAFE_GLOBALS = [(cls, name) for name, cls in STAND_INS.items()] + [
-    (_plain_dict, "collections.defaultdict"), (dict, "builtins.dict")]
+    (_plain_dict, "collections.defaultdict"), (dict, "builtins.dict"),
+    (_no_backend, "torch.nn.backends.thnn._get_thnn_function_backend")]
+ALLOWED = {**safe_unpickle.tensor_globals(), **{name: obj for obj, name in SAFE_GLOBALS}}
+FROM_THE_TUTORIAL = ("convert the checkpoint_<base>.pth.tar or BEST_checkpoint_<base>.pth.tar the tutorial's "
+                     "train.py wrote, or the released BEST_checkpoint_coco_5_cap_per_img_5_min_word_freq.pth.tar, "
+                     "as downloaded")
 
 
 def read_tutorial_checkpoint(path):
-    """A tutorial checkpoint as a dict whose modules and optimisers are `Pickled` stand-ins.
+    """A tutorial checkpoint, in torch.save's zip or legacy (PyTorch 0.4) format, as a dict whose
+    modules and optimisers are `Pickled` stand-ins and whose tensors are on the CPU.
 
-    Raises UserError naming any class outside TUTORIAL_CLASSES, before anything is unpickled.
+    Raises UserError naming any global outside ALLOWED, found by reading the pickle's opcodes before
+    anything is unpickled; the unpicklers then resolve ALLOWED alone as well.
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file")
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        try:
-            refused = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        except ValueError:  # not a zip archive: the format torch.save used before PyTorch 1.6
-            raise UserError(f"{path}: not a PyTorch zip archive; load and save it again with PyTorch 1.6 or "
-                            "later where the tutorial's code runs, then convert that file") from None
-        except Exception as exc:  # opcodes torch.save does not write, a damaged archive
-            raise UserError(f"{path}: cannot be read safely ({str(exc).splitlines()[0][:200]}); "
-                            "it is not a checkpoint the tutorial's train.py writes") from None
-        if refused:
-            raise UserError(f"{path}: refusing to unpickle {', '.join(refused)}, which a tutorial checkpoint "
-                            "never holds and which could run code; convert only checkpoints the tutorial's "
-                            "train.py wrote")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # the weights_only unpickler refuses what the scan above cannot see
-            raise UserError(f"{path}: cannot be read safely ({str(exc).splitlines()[0][:200]}); "
-                            "it is not a checkpoint the tutorial's train.py writes") from None
+        raise UserError(f"{path}: no such checkpoint file; {FROM_THE_TUTORIAL}")
+    try:
+        refused = sorted(safe_unpickle.pickled_globals(path) - ALLOWED.keys())
+    except (safe_unpickle.UnreadableFile, zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"{path}: not a checkpoint torch.save wrote ({exc}); {FROM_THE_TUTORIAL}") from None
+    if refused:
+        raise UserError(f"{path}: refusing to unpickle {', '.join(refused)}, which a tutorial checkpoint never "
+                        "holds and which could run code, so do not open it with torch.load either; "
+                        f"{FROM_THE_TUTORIAL}")
+    try:
+        if safe_unpickle.is_legacy_file(path):
+            state = safe_unpickle.load_legacy(path, ALLOWED)
+        else:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file, or what the unpicklers refuse beyond the scan above
+        raise UserError(f"{path}: cannot be read safely ({str(exc).splitlines()[0][:200]}); "
+                        f"{FROM_THE_TUTORIAL}") from None
     if not isinstance(state, dict) or not {"encoder", "decoder"} <= state.keys():
-        raise UserError(f"{path}: no 'encoder' and 'decoder' entries, so not a tutorial checkpoint")
+        raise UserError(f"{path}: no 'encoder' and 'decoder' entries, so not a tutorial checkpoint; "
+                        f"{FROM_THE_TUTORIAL}")
     for key, name in (("encoder", "models.Encoder"), ("decoder", "models.DecoderWithAttention")):
         if getattr(state[key], "pickled_name", None) != name:
-            raise UserError(f"{path}: its '{key}' is not a pickled {name}, so not a tutorial checkpoint")
+            raise UserError(f"{path}: its '{key}' is not a pickled {name}, so not a tutorial checkpoint "
+                            f"(a checkpoint of this repo's train.py needs no conversion); {FROM_THE_TUTORIAL}")
     return state
 
 
@@ -226,20 +248,36 @@ def check_tensors_fit(path, name, tensors, module):
                         f"tensors and the word map give: {shown}")
 
 
-def set_fine_tuning_state(encoder, encoder_tensors, path):
+def add_batches_tracked(tensors, module):
+    """Add the batch counters PyTorch 0.4.0's BatchNorm2d did not keep (0.4.1 added them), at 0, as
+    BatchNorm2d itself does when it loads a state dict that old; in place."""
+    for name in module.state_dict():
+        layer = name[:-len("num_batches_tracked")]
+        if name.endswith(".num_batches_tracked") and name not in tensors and layer + "running_mean" in tensors:
+            tensors[name] = torch.tensor(0, dtype=torch.long)
+
+
+def set_fine_tuning_state(encoder, encoder_tensors):
     """Give `encoder` the tutorial's fine-tuning state, read from which pickled parameters had
-    requires_grad: none (a frozen encoder) or blocks 2-4, what the tutorial's fine_tune() sets and
-    what --fine-tune-encoder trains here. Returns whether the encoder was fine-tuned."""
+    requires_grad: none (a frozen encoder), or blocks 2-4, what the tutorial's fine_tune() sets and
+    what --fine-tune-encoder trains here. An encoder that trained other blocks (an edited tutorial)
+    gets blocks 2-4 too, and a note saying so. Returns (whether fine-tuned, the note or None)."""
     trainable = {name for name, t in encoder_tensors.items() if t.requires_grad}
     encoder.set_fine_tuning(True)
     tuned = {name for name, p in encoder.named_parameters() if p.requires_grad}
-    if trainable and trainable != tuned:
-        odd = sorted(trainable ^ tuned)
-        raise UserError(f"{path}: its encoder trains {len(trainable)} tensors, neither none nor exactly blocks 2-4 "
-                        f"as the tutorial's fine_tune() sets (encoder.{odd[0]} differs), which this code "
-                        "cannot continue")
     encoder.set_fine_tuning(bool(trainable))
-    return bool(trainable)
+    if not trainable or trainable == tuned:
+        return bool(trainable), None
+    return True, (f"its encoder trained {resnet_parts(trainable)} rather than {resnet_parts(tuned)} as the "
+                  "tutorial's fine_tune() sets; the weights are converted as they are, and train.py --resume "
+                  f"--fine-tune-encoder trains {resnet_parts(tuned)}")
+
+
+def resnet_parts(names):
+    """The torchvision names of the ResNet children that tensors `names` (resnet.<child>...) belong to."""
+    children = ("conv1", "bn1", "relu", "maxpool") + RESNET_BLOCKS
+    indices = sorted({int(name.split(".")[1]) for name in names if name.split(".")[1].isdigit()})
+    return ", ".join(children[i] if i < len(children) else f"child {i}" for i in indices)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +286,7 @@ def set_fine_tuning_state(encoder, encoder_tensors, path):
 
 def mapped_adam_state(pickled, names_by_param, params):
     """A pickled tutorial Adam's state dict, re-indexed for `params` [(name, Parameter)] in this
-    repo's order, and None; or None and why it does not map."""
+    repo's order, and a note when some of them start afresh (or None); or None and why it does not map."""
     if pickled is None:
         return None, "the tutorial's checkpoint has no optimiser for it"
     is_adam = getattr(pickled, "pickled_name", None) == "torch.optim.adam.Adam"
@@ -256,7 +294,8 @@ def mapped_adam_state(pickled, names_by_param, params):
     if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict):
         return None, "it is not one Adam parameter group"
     order = [name for name, _ in params]
-    if sorted(str(names_by_param.get(id(p))) for p in groups[0].get("params", [])) != sorted(order):
+    theirs = {names_by_param.get(id(p)) for p in groups[0].get("params", [])}
+    if None in theirs or not theirs & set(order):
         return None, "its parameters are not the ones this code's optimiser updates"
     by_name = {names_by_param.get(id(p)): s for p, s in (pickled.state.get("state") or {}).items()}
     state = {i: dict(by_name[name]) for i, name in enumerate(order) if isinstance(by_name.get(name), dict)}
@@ -264,22 +303,24 @@ def mapped_adam_state(pickled, names_by_param, params):
            for i, moments in state.items() for k, v in moments.items()):
         return None, "its moment estimates do not have the parameters' shapes"
     group = {k: v for k, v in groups[0].items() if k != "params"}
-    return {"state": state, "param_groups": [{**group, "params": list(range(len(order)))}]}, None
+    fresh = sum(name not in theirs for name in order)  # an edited fine_tune() trained other tensors
+    note = f"keeps its moment estimates but for {fresh} tensors it did not train, which start afresh" if fresh else None
+    return {"state": state, "param_groups": [{**group, "params": list(range(len(order)))}]}, note
 
 
 def convert_optimizer(pickled, names_by_param, params, lr):
-    """(an Adam state dict for `params`, None) from the tutorial's optimiser, or a fresh Adam's at
-    `lr` and why the tutorial's does not carry over."""
-    saved, why = mapped_adam_state(pickled, names_by_param, params)
+    """(an Adam state dict for `params`, a note or None) from the tutorial's optimiser: its state, or a
+    fresh Adam's at `lr` and why the tutorial's does not carry over."""
+    saved, note = mapped_adam_state(pickled, names_by_param, params)  # why not, when saved is None
     optimizer = torch.optim.Adam([p for _, p in params], lr=lr)
     if saved is not None:
         try:
             optimizer.load_state_dict(saved)
-            return optimizer.state_dict(), None
+            return optimizer.state_dict(), note
         except (ValueError, KeyError, TypeError) as exc:
-            why = f"torch refused it ({exc})"
+            note = f"torch refused it ({exc})"
             optimizer = torch.optim.Adam([p for _, p in params], lr=lr)
-    return optimizer.state_dict(), why
+    return optimizer.state_dict(), f"state restarts: {note}"
 
 
 def optimizer_states(checkpoint, encoder, decoder, tutorial_names, args):
@@ -291,9 +332,9 @@ def optimizer_states(checkpoint, encoder, decoder, tutorial_names, args):
         if not params:  # a frozen encoder has no optimiser, as in train.py
             states[name] = None
             continue
-        states[name], why = convert_optimizer(checkpoint.get(f"{name}_optimizer"), tutorial_names[name], params, lr)
-        if why:
-            notes.append(f"the {name}'s optimiser state restarts: {why}")
+        states[name], note = convert_optimizer(checkpoint.get(f"{name}_optimizer"), tutorial_names[name], params, lr)
+        if note:
+            notes.append(f"the {name}'s optimiser {note}")
     return states, notes
 
 
@@ -307,7 +348,8 @@ def convert_checkpoint(path, word_map, image_size):
     tensors = {"encoder": module_tensors(checkpoint["encoder"]), "decoder": module_tensors(checkpoint["decoder"])}
     args = model_args(checkpoint, tensors["decoder"], path)
     encoder, decoder = build_models(args, len(word_map), load_weights=False)
-    args["fine_tune_encoder"] = set_fine_tuning_state(encoder, tensors["encoder"], path)
+    add_batches_tracked(tensors["encoder"], encoder)
+    args["fine_tune_encoder"], fine_tuning_note = set_fine_tuning_state(encoder, tensors["encoder"])
     ours = {"encoder": tensors["encoder"], "decoder": renamed(tensors["decoder"], DECODER_RENAMES)}
     for name, module in (("encoder", encoder), ("decoder", decoder)):
         check_tensors_fit(path, name, ours[name], module)
@@ -316,6 +358,8 @@ def convert_checkpoint(path, word_map, image_size):
     tutorial_names = {name: {id(t): our_name for t, our_name in zip(tensors[name].values(), ours[name])}
                       for name in ("encoder", "decoder")}
     optimizers, notes = optimizer_states(checkpoint, encoder, decoder, tutorial_names, args)
+    if fine_tuning_note:
+        notes.insert(0, fine_tuning_note)
     # Only numbers are kept from the rest: the checkpoint written must hold plain types alone.
     epoch, since, bleu4 = (checkpoint.get(k) if isinstance(checkpoint.get(k), (int, float)) else None
                            for k in ("epoch", "epochs_since_improvement", "bleu-4"))
@@ -351,16 +395,34 @@ def check_word_map(word_map, path):
 # The packed data
 
 
+TUTORIAL_FILES = ("WORDMAP_<base>.json, {TRAIN,VAL,TEST}_IMAGES_<base>.hdf5, {TRAIN,VAL,TEST}_CAPTIONS_<base>.json "
+                  "and {TRAIN,VAL,TEST}_CAPLENS_<base>.json")
+PASS_THE_FOLDER = "pass --tutorial-folder the output_folder the tutorial's create_input_files.py wrote them into"
+
+
 def tutorial_base_name(folder, base_name):
     """The <base> of the tutorial's file names: given, or that of the folder's one WORDMAP_<base>.json."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder, so none of the tutorial's {TUTORIAL_FILES}; {PASS_THE_FOLDER}")
     if base_name:
         return base_name
-    found = sorted(p.name[len("WORDMAP_"):-len(".json")] for p in Path(folder).glob("WORDMAP_*.json"))
+    found = sorted(p.name[len("WORDMAP_"):-len(".json")] for p in folder.glob("WORDMAP_*.json"))
     if len(found) != 1:
         raise UserError(f"{folder}: {'no' if not found else len(found)} WORDMAP_<base>.json files"
-                        f"{' (' + ', '.join(found) + ')' if found else ''}; pass --base-name to say which "
-                        "files of the tutorial's create_input_files.py to convert")
+                        f"{' (' + ', '.join(found) + ')' if found else ''} of the tutorial's {TUTORIAL_FILES}; "
+                        f"{PASS_THE_FOLDER}, and --base-name to say which <base> if there are several")
     return found[0]
+
+
+def missing_tutorial_files(folder, base):
+    """Refuse a folder without all of the tutorial's files for `base`, naming those not there."""
+    names = [f"WORDMAP_{base}.json"] + [tutorial_file(folder, split, kind, base).name
+                                        for split in SPLITS for kind in ("IMAGES", "CAPTIONS", "CAPLENS")]
+    missing = [name for name in names if not (Path(folder) / name).is_file()]
+    if missing:
+        raise UserError(f"{folder}: no {', '.join(missing)} (looked for {', '.join(names)}); {PASS_THE_FOLDER}, "
+                        "and --base-name the <base> of its WORDMAP_<base>.json")
 
 
 def tutorial_file(folder, split, kind, base):
@@ -457,14 +519,12 @@ def count_images(folder, base):
     counts = {}
     for split in SPLITS:
         path = tutorial_file(folder, split, "IMAGES", base)
-        if not path.is_file():
-            raise UserError(f"{path}: no such file; the tutorial's create_input_files.py writes TRAIN, VAL "
-                            "and TEST files for each base name")
         try:
             with h5py.File(path, "r") as f:
                 counts[split] = f["images"].shape[0] if "images" in f else 0
         except OSError as exc:
-            raise UserError(f"{path}: not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
+            raise UserError(f"{path}: not a readable HDF5 file ({str(exc).splitlines()[0]}); write it again with "
+                            "the tutorial's create_input_files.py") from None
     return counts
 
 
@@ -476,6 +536,7 @@ def convert_data(folder, out, base_name=None, chunk_images=256):
     """
     folder, out = Path(folder), Path(out)
     base = tutorial_base_name(folder, base_name)
+    missing_tutorial_files(folder, base)
     word_map_path = folder / f"WORDMAP_{base}.json"
     word_map = read_json(word_map_path, "the tutorial's word map")
     check_word_map(word_map, word_map_path)
@@ -557,7 +618,9 @@ def main(argv=None):
         print(f"converted {manifest['images']} images into {args.output_folder}, "
               f"vocabulary {manifest['vocab_size']} words")
         return manifest
-    word_map = read_json(args.word_map, "the tutorial's word map")
+    word_map = read_json(args.word_map, "the word map the model was trained with: the tutorial's "
+                         "WORDMAP_<base>.json, downloaded with its released model or written by its "
+                         "create_input_files.py; pass its path to --word-map")
     check_word_map(word_map, args.word_map)
     state, notes = convert_checkpoint(args.checkpoint, word_map, args.image_size)
     save_checkpoint(args.output, state)

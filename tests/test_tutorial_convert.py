@@ -1,10 +1,16 @@
-"""convert_tutorial.py: the tutorial's checkpoints (read without running what they name) and packed
-folders, written here in the tutorial's layout at tiny sizes, into this repo's formats."""
+"""convert_tutorial.py: the tutorial's checkpoints (read without running what they name), as PyTorch
+0.4 wrote them and saved again as zip archives, and its packed folders, written here in the
+tutorial's layout at tiny sizes (and once at full ResNet-101 size), into this repo's formats."""
 import argparse
+import io
 import json
 import os
+import pickle
 import re
+import shlex
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -14,14 +20,18 @@ import pytest
 import torch
 from PIL import Image
 
+import app
 import caption
 import convert_tutorial
 import eval as evaluate_script
+import safe_unpickle
 import train
 from checkpoints import build_models, load_checkpoint
 from datasets import CaptionDataset, decode_tokens, read_manifest
-from tutorial_layout import (save_tutorial_checkpoint, tutorial_modules, tutorial_optimizers, tutorial_word_map,
-                             write_tutorial_folder)
+from tutorial_layout import DecoderWithAttention as TutorialDecoder
+from tutorial_layout import Encoder as TutorialEncoder
+from tutorial_layout import (save_tutorial_checkpoint, save_tutorial_checkpoint_04, tutorial_beam_search,
+                             tutorial_modules, tutorial_optimizers, tutorial_word_map, write_tutorial_folder)
 from utils import UserError, normalize_images
 
 # The tutorial's model at a tiny size: the whole ResNet up to layer4, as its encoder is, but ResNet-18
@@ -32,6 +42,11 @@ TINY = {"encoder_arch": "resnet18", "encoder_cut_after": "layer4", "encoded_size
         "fine_tune_encoder": False}
 WORDS = ["a", "red", "blue", "circle", "square", "on", "the", "left", "right", "of", "small", "large"]
 COUNTS = {"TRAIN": 6, "VAL": 3, "TEST": 5}
+# The tutorial's checkpoint as PyTorch 0.4 wrote it (the released model's format), and saved again
+# as a zip archive by a later PyTorch.
+SAVERS = {"torch0.4": save_tutorial_checkpoint_04, "zip": save_tutorial_checkpoint}
+RELEASED_CHECKPOINT = "BEST_checkpoint_coco_5_cap_per_img_5_min_word_freq.pth.tar"
+RELEASED_WORD_MAP = "WORDMAP_coco_5_cap_per_img_5_min_word_freq.json"
 
 
 def tiny_models(seed=0, vocab_size=len(WORDS) + 4):
@@ -40,12 +55,28 @@ def tiny_models(seed=0, vocab_size=len(WORDS) + 4):
     return build_models(TINY, vocab_size)
 
 
-def tutorial_checkpoint(path, encoder, decoder, fine_tune=True, decoder_lr=4e-4 * 0.8, **extra):
-    """`encoder` and `decoder` saved as the tutorial saves them, with Adam state; returns its modules
-    and optimisers."""
+def end_captions_after_a_few_words(decoder, end, unit=0):
+    """Make random weights finish their captions, as a trained model's do, so that the tutorial's
+    search (which returns only finished ones) has captions to compare: hidden unit `unit` counts the
+    steps (its gates open, its input a constant 0.1, so h = tanh(0.1 * t)), and <end>'s score is
+    20 h - 12, likely from the sixth word or so on, sooner or later as the other words' scores vary."""
+    lstm, size = decoder.lstm, decoder.lstm.hidden_size
+    with torch.no_grad():
+        for gate in range(4):  # input, forget, cell, output
+            row = gate * size + unit
+            lstm.weight_ih[row], lstm.weight_hh[row], lstm.bias_hh[row] = 0.0, 0.0, 0.0
+            lstm.bias_ih[row] = 0.1 if gate == 2 else 10.0
+        decoder.init_c.weight[unit], decoder.init_c.bias[unit] = 0.0, 0.0
+        decoder.fc.weight[end] = 0.0
+        decoder.fc.weight[end, unit], decoder.fc.bias[end] = 20.0, -12.0
+
+
+def tutorial_checkpoint(path, encoder, decoder, fine_tune=True, decoder_lr=4e-4 * 0.8, saved_as="torch0.4", **extra):
+    """`encoder` and `decoder` saved as the tutorial saves them, with Adam state, in the format
+    `saved_as` names (a key of SAVERS); returns its modules and optimisers."""
     modules = tutorial_modules(encoder, decoder, ARCH, fine_tune)
     optimizers = tutorial_optimizers(*modules, decoder_lr=decoder_lr)
-    save_tutorial_checkpoint(path, *modules, *optimizers, **extra)
+    SAVERS[saved_as](path, *modules, *optimizers, **extra)
     return modules, optimizers
 
 
@@ -58,17 +89,25 @@ def tutorial_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def converted(tutorial_folder, tmp_path_factory):
-    """tutorial_folder converted by the command line's `data`, and a tiny model's tutorial checkpoint
-    converted by `checkpoint`; with the original models."""
+def converted_data(tutorial_folder, tmp_path_factory):
+    """tutorial_folder converted by the command line's `data`."""
+    out = tmp_path_factory.mktemp("converted_data")
+    convert_tutorial.main(["data", "--tutorial-folder", str(tutorial_folder), "--output-folder", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module", params=list(SAVERS))
+def converted(request, converted_data, tmp_path_factory):
+    """A tiny model's tutorial checkpoint, in each format of SAVERS, converted by the command line's
+    `checkpoint`; with the original models and the converted data."""
     out = tmp_path_factory.mktemp("converted")
-    convert_tutorial.main(["data", "--tutorial-folder", str(tutorial_folder), "--output-folder", str(out / "data")])
     encoder, decoder = tiny_models()
-    path = out / "BEST_checkpoint_coco_5_cap_per_img_5_min_word_freq.pth.tar"
-    modules, optimizers = tutorial_checkpoint(path, encoder, decoder)
-    convert_tutorial.main(["checkpoint", "--checkpoint", str(path), "--word-map", str(out / "data" / "word_map.json"),
+    end_captions_after_a_few_words(decoder, tutorial_word_map(WORDS)["<end>"])
+    path = out / RELEASED_CHECKPOINT
+    modules, optimizers = tutorial_checkpoint(path, encoder, decoder, saved_as=request.param)
+    convert_tutorial.main(["checkpoint", "--checkpoint", str(path), "--word-map", str(converted_data / "word_map.json"),
                            "--output", str(out / "converted.pt"), "--image-size", str(IMAGE_SIZE)])
-    return {"folder": out, "data": out / "data", "checkpoint": out / "converted.pt", "encoder": encoder,
+    return {"folder": out, "data": converted_data, "checkpoint": out / "converted.pt", "encoder": encoder,
             "decoder": decoder, "tutorial_modules": modules, "tutorial_optimizers": optimizers}
 
 
@@ -76,33 +115,38 @@ def converted(tutorial_folder, tmp_path_factory):
 # Checkpoints
 
 
-def test_eval_and_caption_py_on_converted_files_caption_as_the_original_weights_do(converted, tutorial_folder, tmp_path):
+def test_eval_caption_and_app_on_converted_files_caption_as_the_tutorials_own_search(converted, tutorial_folder,
+                                                                                      tmp_path):
     out = tmp_path / "eval"
     evaluate_script.main(["--checkpoint", str(converted["checkpoint"]), "--data-folder", str(converted["data"]),
                           "--split", "test", "--beam-size", "3", "--max-steps", "12", "--output-dir", str(out),
                           "--workers", "0", "--no-coco-metrics", "--device", "cpu"])
     from_eval = [c["caption"] for c in json.loads((out / "captions_test_beam3.json").read_text())]
 
-    # The same weights decoded here directly, on the images as the tutorial's own file holds them.
-    encoder, decoder = converted["encoder"].eval(), converted["decoder"].eval()
+    # The tutorial's own search on its own modules, on the images as the tutorial's file holds them.
+    tutorial_encoder, tutorial_decoder = (module.eval() for module in converted["tutorial_modules"])
     word_map = tutorial_word_map(WORDS)
     words = {i: w for w, i in word_map.items()}
     with h5py.File(tutorial_folder / "TEST_IMAGES_coco_5_cap_per_img_5_min_word_freq.hdf5") as f:
         pixels = f["images"][:]
-    images = normalize_images(torch.from_numpy(pixels))
     with torch.no_grad():
-        tokens = decoder.beam_search(encoder(images), word_map["<start>"], word_map["<end>"], beam_size=3,
-                                     max_steps=12)
-    direct = [" ".join(decode_tokens(t, words)) for t in tokens]
-    assert len(set(direct)) > 1, "every image got the same caption: the comparison would not see images mixed up"
-    assert from_eval == direct
+        tokens = [tutorial_beam_search(tutorial_encoder, tutorial_decoder, image, word_map["<start>"],
+                                       word_map["<end>"], beam_size=3, max_steps=12)
+                  for image in normalize_images(torch.from_numpy(pixels))]
+    expected = {i: " ".join(decode_tokens(t, words)) for i, t in enumerate(tokens) if t is not None}
+    assert len(expected) >= 3, "the tutorial's search finished too few captions for the comparison to mean much"
+    assert len(set(expected.values())) > 1, "every image got the same caption: images mixed up would pass"
+    assert {i: from_eval[i] for i in expected} == expected
 
-    # caption.py on one of those images, saved as a file (at the packed size, so not resampled).
-    Image.fromarray(pixels[2].transpose(1, 2, 0)).save(tmp_path / "photo.png")
-    [(_, caption_words)] = caption.main(["--img", str(tmp_path / "photo.png"), "--checkpoint",
-                                        str(converted["checkpoint"]), "--beam-size", "3", "--max-steps", "12",
-                                        "--device", "cpu"])
-    assert " ".join(caption_words) == direct[2]
+    # caption.py on a folder of those images saved as files (at the packed size, so not resampled),
+    # and app.py's page on each.
+    for i in expected:
+        Image.fromarray(pixels[i].transpose(1, 2, 0)).save(tmp_path / f"photo{i}.png")
+    from_caption = caption.main(["--img", str(tmp_path), "--checkpoint", str(converted["checkpoint"]),
+                                 "--beam-size", "3", "--max-steps", "12", "--device", "cpu"])
+    assert {int(path.stem[5:]): " ".join(w) for path, w in from_caption} == expected
+    page = app.Captioner(converted["checkpoint"], torch.device("cpu"), max_steps=12)
+    assert {i: page.caption(tmp_path / f"photo{i}.png", 3).caption for i in expected} == expected
 
 
 def test_weights_and_training_state_carry_over(converted):
@@ -158,6 +202,25 @@ def test_train_resume_continues_a_converted_checkpoint(converted, tmp_path):
     assert torch.equal(state["encoder"]["resnet.0.weight"], before["resnet.0.weight"])  # block 1: frozen
 
 
+def test_train_resume_fine_tunes_the_encoder_of_a_converted_frozen_checkpoint(converted_data, tmp_path):
+    encoder, decoder = tiny_models(seed=1)
+    tutorial_checkpoint(tmp_path / "frozen.pth.tar", encoder, decoder, fine_tune=False)
+    convert_tutorial.main(["checkpoint", "--checkpoint", str(tmp_path / "frozen.pth.tar"), "--word-map",
+                           str(converted_data / "word_map.json"), "--output", str(tmp_path / "frozen.pt"),
+                           "--image-size", str(IMAGE_SIZE)])
+    assert load_checkpoint(tmp_path / "frozen.pt")["args"]["fine_tune_encoder"] is False
+    run = tmp_path / "run"
+    train.main(["--data-folder", str(converted_data), "--output-dir", str(run), "--resume",
+                str(tmp_path / "frozen.pt"), "--epochs", "5", "--fine-tune-encoder", "--encoder-arch", "resnet18",
+                "--encoded-size", "4", "--attention-dim", "32", "--embed-dim", "16", "--decoder-dim", "32",
+                "--workers", "0", "--batch-size", "16", "--device", "cpu"])
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["args"]["fine_tune_encoder"] is True and state["history"][0]["encoder_lr"] == pytest.approx(1e-4)
+    before = encoder.state_dict()
+    assert not torch.equal(state["encoder"]["resnet.5.0.conv1.weight"], before["resnet.5.0.conv1.weight"])
+    assert torch.equal(state["encoder"]["resnet.4.0.conv1.weight"], before["resnet.4.0.conv1.weight"])  # block 1
+
+
 @pytest.mark.parametrize("fine_tune", [False, True])
 def test_fine_tuning_state_is_kept(fine_tune, tmp_path):
     encoder, decoder = tiny_models()
@@ -168,6 +231,52 @@ def test_fine_tuning_state_is_kept(fine_tune, tmp_path):
     converted_encoder, _ = build_models(state["args"], len(state["word_map"]), load_weights=False)
     trainable = {n: p.requires_grad for n, p in converted_encoder.named_parameters()}
     assert trainable == {n: p.requires_grad for n, p in tutorial_encoder.named_parameters()}
+
+
+@pytest.mark.parametrize("trained, parts", [(slice(4, None), "layer1, layer2, layer3, layer4"),
+                                             (slice(7, None), "layer4")])
+def test_an_encoder_that_trained_other_blocks_converts_with_a_note(trained, parts, tmp_path):
+    # A user who edited the tutorial's fine_tune(): all four residual stages trainable, or the last alone.
+    encoder, decoder = tiny_models()
+    tutorial_encoder, tutorial_decoder = tutorial_modules(encoder, decoder, ARCH, fine_tune=False)
+    for block in list(tutorial_encoder.resnet.children())[trained]:
+        block.requires_grad_(True)
+    encoder_optimizer, decoder_optimizer = tutorial_optimizers(tutorial_encoder, tutorial_decoder)
+    save_tutorial_checkpoint_04(tmp_path / "t.pth.tar", tutorial_encoder, tutorial_decoder, encoder_optimizer,
+                                decoder_optimizer)
+    state, notes = convert_tutorial.convert_checkpoint(tmp_path / "t.pth.tar", tutorial_word_map(WORDS), IMAGE_SIZE)
+    assert notes[0] == (f"its encoder trained {parts} rather than layer2, layer3, layer4 as the tutorial's "
+                        "fine_tune() sets; the weights are converted as they are, and train.py --resume "
+                        "--fine-tune-encoder trains layer2, layer3, layer4")
+    assert state["args"]["fine_tune_encoder"] is True
+    assert all(torch.equal(state["encoder"][k], v) for k, v in encoder.state_dict().items())
+    # The moments of the tensors both train carry over; the others start afresh, and a note says how many.
+    ours, _ = build_models(state["args"], len(state["word_map"]), load_weights=False)
+    tuned = [(name, p) for name, p in ours.named_parameters() if p.requires_grad]
+    originals = dict(tutorial_encoder.named_parameters())
+    saved = state["encoder_optimizer"]["state"]
+    for index, (name, _) in enumerate(tuned):
+        if originals[name].requires_grad:
+            assert torch.equal(saved[index]["exp_avg"], encoder_optimizer.state[originals[name]]["exp_avg"])
+        else:
+            assert index not in saved
+    fresh = sum(not originals[name].requires_grad for name, _ in tuned)
+    assert (fresh > 0) is (parts == "layer4")
+    assert notes[1:] == ([f"the encoder's optimiser keeps its moment estimates but for {fresh} tensors it did not "
+                          "train, which start afresh"] if fresh else [])
+
+
+def test_a_legacy_file_a_later_pytorch_wrote_converts_too(tmp_path):
+    # PyTorch 1.0-1.5 kept the legacy format, with Parameters rebuilt by torch._utils._rebuild_parameter.
+    encoder, decoder = tiny_models()
+    modules = tutorial_modules(encoder, decoder, ARCH, fine_tune=True)
+    save_tutorial_checkpoint(tmp_path / "t.pth.tar", *modules, *tutorial_optimizers(*modules), zip_archive=False)
+    assert safe_unpickle.is_legacy_file(tmp_path / "t.pth.tar")
+    assert "torch._utils._rebuild_parameter" in safe_unpickle.pickled_globals(tmp_path / "t.pth.tar")
+    state, notes = convert_tutorial.convert_checkpoint(tmp_path / "t.pth.tar", tutorial_word_map(WORDS), IMAGE_SIZE)
+    assert notes == [] and state["args"]["fine_tune_encoder"] is True
+    for name, module in (("encoder", encoder), ("decoder", decoder)):
+        assert all(torch.equal(state[name][k], v) for k, v in module.state_dict().items())
 
 
 def test_an_optimiser_that_does_not_map_restarts_and_says_so(tmp_path):
@@ -181,38 +290,160 @@ def test_an_optimiser_that_does_not_map_restarts_and_says_so(tmp_path):
     assert state["decoder_optimizer"]["state"] == {} and state["decoder_optimizer"]["param_groups"][0]["lr"] == 4e-4
 
 
-class WritesAFile:
-    """Unpickling this runs code: it writes `path`."""
+class Payload:
+    """Unpickling this calls `function` on `args`; each payload below would create the file `marker`."""
 
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return exec, (f"open({self.path!r}, 'w').write('ran')",)
-
-
-class RunsACommand:
-    """Unpickling this runs a shell command that creates `path`."""
-
-    def __init__(self, path):
-        self.path = str(path)
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
 
     def __reduce__(self):
-        return os.system, (f"touch {self.path}",)
+        return self.function, self.args
 
 
-@pytest.mark.parametrize("payload, named", [(WritesAFile, "builtins.exec"),
-                                            (RunsACommand, f"{os.system.__module__}.system")])
-def test_a_checkpoint_whose_pickle_runs_code_is_refused_and_the_code_does_not_run(payload, named, tmp_path):
+PAYLOADS = {  # name the refusal gives -> the payload, given the marker file's path
+    f"{os.system.__module__}.system": lambda marker: Payload(os.system, f"touch {marker}"),
+    "builtins.eval": lambda marker: Payload(eval, f"open({str(marker)!r}, 'w').write('ran')"),
+    "subprocess.Popen": lambda marker: Payload(subprocess.Popen, ["touch", str(marker)]),
+    "builtins.exec": lambda marker: Payload(exec, f"open({str(marker)!r}, 'w').write('ran')"),
+}
+
+
+@pytest.mark.parametrize("named", list(PAYLOADS))
+@pytest.mark.parametrize("saved_as", list(SAVERS))
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_and_the_code_does_not_run(saved_as, named, tmp_path):
     encoder, decoder = tiny_models()
     marker = tmp_path / "code_ran"
     path = tmp_path / "evil.pth.tar"
-    tutorial_checkpoint(path, encoder, decoder, **{"bleu-4": payload(marker)})  # hidden among real modules
-    with pytest.raises(UserError, match=rf"refusing to unpickle {named}, ") as caught:
+    tutorial_checkpoint(path, encoder, decoder, saved_as=saved_as, **{"bleu-4": PAYLOADS[named](marker)})
+    with pytest.raises(UserError, match=rf"refusing to unpickle {re.escape(named)}, ") as caught:
         convert_tutorial.main(["checkpoint", "--checkpoint", str(path), "--word-map", str(write_word_map(tmp_path)),
                                "--output", str(tmp_path / "out.pt")])
+    message = str(caught.value)
+    assert message.startswith(str(path)) and "\n" not in message and "do not open it with torch.load" in message
+    # caption.py, eval.py, app.py and train.py read checkpoints through load_checkpoint, which unpickles
+    # nothing of it either (it points to the converter, which refuses it as above).
+    with pytest.raises(UserError, match="convert_tutorial.py checkpoint"):
+        load_checkpoint(path)
+    time.sleep(0.2)  # a Popen'd `touch` would have had time to run
     assert not marker.exists() and not (tmp_path / "out.pt").exists()
-    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_legacy_reader_resolves_nothing_but_its_allow_list_even_unscanned(tmp_path):
+    encoder, decoder = tiny_models()
+    marker = tmp_path / "code_ran"
+    path = tutorial_checkpoint(tmp_path / "evil.pth.tar", encoder, decoder, **{"bleu-4": Payload(os.system,
+                                                                                                  f"touch {marker}")})
+    with pytest.raises(pickle.UnpicklingError, match=rf"refusing to unpickle {os.system.__module__}\.system"):
+        safe_unpickle.load_legacy(tmp_path / "evil.pth.tar", convert_tutorial.ALLOWED)
+    assert not marker.exists() and path is not None
+
+
+def test_a_global_pushed_by_stack_global_is_named_or_refused(tmp_path):
+    # Protocol 4 names globals by STACK_GLOBAL, from two strings pushed before it, or fetched from the memo.
+    marker = tmp_path / "code_ran"
+    torch.save({"encoder": Payload(os.system, f"touch {marker}")}, tmp_path / "p4.pt", pickle_protocol=4)
+    assert f"{os.system.__module__}.system" in safe_unpickle.pickled_globals(tmp_path / "p4.pt")
+    # By hand: "os" stored in the memo and popped, fetched again, then "system" (pickle opcodes PROTO 4,
+    # SHORT_BINUNICODE, BINPUT, POP, BINGET, SHORT_BINUNICODE, STACK_GLOBAL, STOP).
+    from_memo = b"\x80\x04\x8c\x02osq\x000h\x00\x8c\x06system\x93."
+    assert safe_unpickle.globals_in_pickle(io.BytesIO(from_memo)) == {"os.system"}
+    # Operands that are not two strings pushed just before are reported, not skipped.
+    untraced = b"\x80\x04\x8c\x02os\x8c\x06system\x85\x93."  # "system" wrapped in a tuple (TUPLE1)
+    assert safe_unpickle.globals_in_pickle(io.BytesIO(untraced)) == {"an unnamed global"}
+    assert not marker.exists()
+
+
+def test_the_released_models_sizes_as_pytorch_0_4_wrote_them_from_a_gpu_convert_on_a_cpu(tmp_path):
+    # The released model's architecture (ResNet-101 encoder to a 14x14 grid; attention, embedding and
+    # LSTM 512 wide) with random weights and a small vocabulary; the encoder frozen, the tutorial's
+    # default, so that its optimiser is None.
+    torch.manual_seed(0)
+    word_map = tutorial_word_map(WORDS)
+    encoder = TutorialEncoder(14, "resnet101")
+    encoder.fine_tune(False)
+    decoder = TutorialDecoder(512, 512, 512, len(word_map))
+    encoder.eval(), decoder.eval()  # the tutorial saves its best checkpoint right after validating
+    encoder_optimizer, decoder_optimizer = tutorial_optimizers(encoder, decoder)
+    path = save_tutorial_checkpoint_04(tmp_path / RELEASED_CHECKPOINT, encoder, decoder, encoder_optimizer,
+                                       decoder_optimizer, epoch=27, bleu4=0.33)
+    names = safe_unpickle.pickled_globals(path)
+    assert safe_unpickle.is_legacy_file(path) and encoder_optimizer is None
+    assert {"torch.cuda.FloatStorage", "torch.nn.backends.thnn._get_thnn_function_backend"} <= names
+    (tmp_path / RELEASED_WORD_MAP).write_text(json.dumps(word_map))
+
+    convert_tutorial.main(["checkpoint", "--checkpoint", str(path), "--word-map", str(tmp_path / RELEASED_WORD_MAP),
+                           "--output", str(tmp_path / "best.pt")])
+    state = load_checkpoint(tmp_path / "best.pt")
+    assert {k: state["args"][k] for k in ("encoder_arch", "encoder_cut_after", "encoded_size", "attention_dim",
+                                          "embed_dim", "decoder_dim", "fine_tune_encoder")} == \
+        {"encoder_arch": "resnet101", "encoder_cut_after": "layer4", "encoded_size": 14, "attention_dim": 512,
+         "embed_dim": 512, "decoder_dim": 512, "fine_tune_encoder": False}
+    assert state["epoch"] == 28 and state["encoder_optimizer"] is None
+    weights = encoder.state_dict()  # its batch-norm counters are 0, as the converter sets those 0.4.0 lacks
+    assert state["encoder"].keys() == weights.keys()
+    assert all(torch.equal(state["encoder"][k], v) for k, v in weights.items())
+    ours = {tutorial_name(k): v for k, v in decoder.state_dict().items()}
+    assert state["decoder"].keys() == ours.keys()
+    assert all(torch.equal(state["decoder"][k], v) for k, v in ours.items())
+    fc = [name for name, p in decoder.named_parameters()].index("fc.weight")
+    assert torch.equal(state["decoder_optimizer"]["state"][fc]["exp_avg"],
+                       decoder_optimizer.state[decoder.fc.weight]["exp_avg"])
+
+
+@pytest.mark.parametrize("batches_tracked", [False, True])
+def test_batch_norm_counters_are_kept_from_0_4_1_and_start_at_zero_from_0_4_0(batches_tracked, tmp_path):
+    encoder, decoder = tiny_models()
+    modules = tutorial_modules(encoder, decoder, ARCH, fine_tune=False)
+    modules[0].resnet[1].num_batches_tracked.fill_(7)
+    save_tutorial_checkpoint_04(tmp_path / "t.pth.tar", *modules, None, tutorial_optimizers(*modules)[1],
+                                batches_tracked=batches_tracked)
+    state, _ = convert_tutorial.convert_checkpoint(tmp_path / "t.pth.tar", tutorial_word_map(WORDS), IMAGE_SIZE)
+    assert int(state["encoder"]["resnet.1.num_batches_tracked"]) == (7 if batches_tracked else 0)
+
+
+@pytest.mark.parametrize("saved_as", list(SAVERS))
+def test_the_scripts_given_a_tutorial_checkpoint_print_the_command_that_converts_it(saved_as, packed_data, tmp_path):
+    folder = tmp_path / "caption data"  # the tutorial's folder name, with its space
+    folder.mkdir()
+    path = folder / RELEASED_CHECKPOINT
+    encoder, decoder = tiny_models()
+    tutorial_checkpoint(path, encoder, decoder, saved_as=saved_as)
+    (folder / RELEASED_WORD_MAP).write_text(json.dumps(tutorial_word_map(WORDS)))
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "photo.png")
+    converted_path = folder / "BEST_checkpoint_coco_5_cap_per_img_5_min_word_freq.pt"
+    command = (f"python convert_tutorial.py checkpoint --checkpoint '{path}' --word-map '{folder / RELEASED_WORD_MAP}' "
+               f"--output '{converted_path}'")
+    runs = {
+        "caption.py": lambda: caption.main(["--img", str(tmp_path / "photo.png"), "--checkpoint", str(path),
+                                            "--device", "cpu"]),
+        "eval.py": lambda: evaluate_script.main(["--checkpoint", str(path), "--data-folder", str(packed_data),
+                                                 "--output-dir", str(tmp_path / "eval"), "--workers", "0",
+                                                 "--no-coco-metrics", "--device", "cpu"]),
+        "app.py": lambda: app.Captioner(path, torch.device("cpu")),
+        "train.py --resume": lambda: train.main(["--data-folder", str(packed_data), "--output-dir",
+                                                 str(tmp_path / "run"), "--resume", str(path), "--workers", "0",
+                                                 "--device", "cpu"]),
+    }
+    for script, run in runs.items():
+        with pytest.raises(UserError) as caught:
+            run()
+        message = str(caught.value)
+        assert message.startswith(f"{path}: a checkpoint of the PyTorch tutorial"), script
+        assert f"run `{command}` and pass the .pt file it writes instead" in message and "\n" not in message, script
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "run").exists()
+
+    # As a user sees it: one line, no traceback.
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(repo / "caption.py"), "--img", str(tmp_path / "photo.png"),
+                             "--checkpoint", str(path), "--device", "cpu"], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"caption.py: error: {message}"]
+
+    # The command works as printed, and caption.py then reads what it wrote.
+    assert convert_tutorial.main(shlex.split(command)[2:])["args"]["encoder_arch"] == ARCH
+    [(captioned, _)] = caption.main(["--img", str(tmp_path / "photo.png"), "--checkpoint", str(converted_path),
+                                     "--device", "cpu", "--max-steps", "5"])
+    assert captioned == tmp_path / "photo.png"
 
 
 def test_the_tutorials_classes_are_read_as_inert_stand_ins_without_importing_models(converted, monkeypatch):
@@ -265,17 +496,30 @@ def test_tensors_that_do_not_fit_are_refused_by_name(tmp_path):
     assert "decoder.extra.weight unexpected" in message and "lstm" not in message
 
 
-def test_other_files_are_refused_in_one_sentence(tmp_path):
+def test_other_files_are_refused_in_one_sentence_that_says_what_to_convert(tmp_path):
     legacy = tmp_path / "legacy.pth.tar"
     torch.save({"encoder": 1}, legacy, _use_new_zipfile_serialization=False)
     not_tutorial = tmp_path / "plain.pt"
     torch.save({"encoder": {"w": torch.zeros(1)}, "decoder": {}}, not_tutorial)
-    cases = [(tmp_path / "missing.pt", "no such checkpoint file"), (legacy, "not a PyTorch zip archive"),
+    random_bytes = tmp_path / "random.pth.tar"
+    random_bytes.write_bytes(np.random.default_rng(0).bytes(4096))
+    cut_short = tmp_path / "cut.pth.tar"
+    encoder, decoder = tiny_models()
+    tutorial_checkpoint(cut_short, encoder, decoder)
+    cut_short.write_bytes(cut_short.read_bytes()[:-1000])  # an interrupted download
+    cases = [(tmp_path / "missing.pt", "no such checkpoint file"),
+             (legacy, "no 'encoder' and 'decoder' entries, so not a tutorial checkpoint"),
+             (random_bytes, r"not a checkpoint torch.save wrote \(neither a zip archive nor torch.save's legacy"),
+             (cut_short, r"cannot be read safely \(storage .* is cut short"),
              (not_tutorial, "its 'encoder' is not a pickled models.Encoder")]
     for path, reason in cases:
         with pytest.raises(UserError, match=reason) as caught:
             convert_tutorial.read_tutorial_checkpoint(path)
-        assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value)
+        message = str(caught.value)
+        assert message.startswith(str(path)) and "\n" not in message
+        assert message.endswith(convert_tutorial.FROM_THE_TUTORIAL)  # what to do next
+        # Never the advice to unpickle it with full trust to get past the check.
+        assert "weights_only=False" not in message and "save it again" not in message
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,9 +602,25 @@ def test_an_interrupted_conversion_leaves_no_manifest_and_no_half_written_file(t
         read_manifest(out)
 
 
-def test_tutorial_folders_that_do_not_fit_are_refused_naming_the_file(tutorial_folder, tmp_path):
-    with pytest.raises(UserError, match=rf"{re.escape(str(tmp_path))}: no WORDMAP_<base>.json files; pass --base-name"):
-        convert_tutorial.convert_data(tmp_path, tmp_path / "out")
+def test_tutorial_folders_that_do_not_fit_are_refused_naming_the_folder_and_the_files(tutorial_folder, tmp_path):
+    looked_for = ("WORDMAP_<base>.json, {TRAIN,VAL,TEST}_IMAGES_<base>.hdf5, {TRAIN,VAL,TEST}_CAPTIONS_<base>.json "
+                  "and {TRAIN,VAL,TEST}_CAPLENS_<base>.json")
+    next_step = "pass --tutorial-folder the output_folder the tutorial's create_input_files.py wrote them into"
+    out = ["--output-folder", str(tmp_path / "out")]
+    cases = [(tmp_path / "nowhere", f"{tmp_path / 'nowhere'}: no such folder, so none of the tutorial's {looked_for}; "
+                                    f"{next_step}"),
+             (tmp_path, f"{tmp_path}: no WORDMAP_<base>.json files of the tutorial's {looked_for}; {next_step}, "
+                        "and --base-name to say which <base> if there are several")]
+    for folder, message in cases:
+        with pytest.raises(UserError) as caught:
+            convert_tutorial.main(["data", "--tutorial-folder", str(folder), *out])
+        assert str(caught.value) == message
+    # The right folder with another --base-name: every file of that name is listed.
+    listed = (r"no WORDMAP_coco_1\.json, TRAIN_IMAGES_coco_1\.hdf5, TRAIN_CAPTIONS_coco_1\.json, .*TEST_CAPLENS_"
+              r"coco_1\.json \(looked for WORDMAP_coco_1\.json, .*\); pass --tutorial-folder")
+    with pytest.raises(UserError, match=rf"{re.escape(str(tutorial_folder))}: {listed}"):
+        convert_tutorial.main(["data", "--tutorial-folder", str(tutorial_folder), "--base-name", "coco_1", *out])
+    assert not (tmp_path / "out").exists()
     folder = tmp_path / "short"
     base = write_tutorial_folder(folder, {"TRAIN": 2, "VAL": 1, "TEST": 1}, tutorial_word_map(WORDS), size=8)
     lengths_file = folder / f"VAL_CAPLENS_{base}.json"
