@@ -1,4 +1,4 @@
-"""The tutorial's packing method, as bench.py's baseline for create_input_files.py.
+r"""The tutorial's packing method, as bench.py's baseline for create_input_files.py.
 
     python bench_tutorial_pack.py --karpathy-json data/caption_datasets/dataset_coco.json \
         --image-folder data/coco --output-folder runs/tutorial_packed

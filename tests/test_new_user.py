@@ -203,7 +203,7 @@ def test_bleu_with_no_matching_4gram_is_written_as_zero_not_an_underflow(data, t
 
 
 @pytest.mark.parametrize("script", ["create_input_files.py", "caption.py", "train.py", "eval.py", "bench.py",
-                                    "make_shapes_dataset.py"])
+                                    "make_shapes_dataset.py", "bench_tutorial_pack.py"])
 def test_help_examples_keep_their_line_continuations(script):
     result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, env=ENV)
     assert result.returncode == 0
