@@ -7,8 +7,11 @@
 
 Every figure is the median of --repeats timed runs (after an untimed warm-up, except for --quick's
 training steps), with random weights, which take as long as trained ones. What runs:
-  1. packing: create_input_files.py's decode_images (Pillow draft mode, --workers 2) on generated
-     640x480 JPEGs resized to 256, against `baseline_plain_open_resize` (one process, full decode);
+  1. packing: create_input_files.py (default --workers) against the tutorial's method
+     (bench_tutorial_pack.py: one process, full decode, bilinear resize, each image written as read)
+     on generated 640x480 JPEGs with 5 captions each, packed to 256x256: the whole process (Python
+     start-up and imports included) and the steady state (each packer's main() called in this
+     process), interleaved; and how far load_image's pixels are from other decodes;
   2. training: the real train.train_one_epoch at batch 32 with the default model (ResNet-101, 14x14,
      512/512/512, --no-pretrained), frozen and fine-tuned, fed by the real CaptionDataset and
      DataLoader (--workers 2) over a set packed here at 256x256; hooks on the modules split each step;
@@ -29,6 +32,7 @@ runs/bench_<device>[_<amp>][_quick][_<sections>][_default_malloc].json.
 """
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -36,6 +40,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,13 +55,15 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
+import bench_tutorial_pack
 import create_input_files
 import losses
 import train
+import utils
 from checkpoints import build_models
 from datasets import CaptionDataset
 from models import DecoderWithAttention
-from utils import keep_freed_memory
+from utils import keep_freed_memory, load_image
 
 VOCAB = 10000  # COCO's word map at --min-word-freq 5 has about 9,500 words
 START, END = VOCAB - 2, VOCAB - 1  # create_input_files.py puts <start> and <end> last
@@ -68,7 +75,7 @@ PACK_SIZE = 256
 # --quick skips the training warm-up step (the median of 3 leaves out one slow first step).
 QUICK = {"pack_images": 400, "train_images": 48, "train_warmup_steps": 0, "decode_steps": 8, "single_images": 4,
          "repeats": 3}
-FULL = {"pack_images": 1000, "train_images": 96, "train_warmup_steps": 1, "decode_steps": 20, "single_images": 8,
+FULL = {"pack_images": 2000, "train_images": 96, "train_warmup_steps": 1, "decode_steps": 20, "single_images": 8,
         "repeats": 5}
 
 
@@ -261,56 +268,87 @@ def baseline_plain_open_resize(path, size):
         return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
 
 
+def write_packing_captions(image_paths, json_path, seed=0):
+    """A Karpathy-format file for the JPEGs: five COCO-like captions each (words w0..w9995, so about
+    9,700 of them reach the word map), 90% train, 5% val, 5% test."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i, path in enumerate(image_paths):
+        sentences = [{"tokens": [f"w{w}" for w in rng.integers(0, VOCAB - 4, n)]}
+                     for n in caption_word_counts(rng, 5)]
+        split = {0: "val", 1: "test"}.get(i % 20, "train")
+        images.append({"filepath": "", "filename": path.name, "split": split, "imgid": i, "sentences": sentences})
+    json_path.write_text(json.dumps({"images": images}))
+
+
+def pixel_differences(paths, reference):
+    """Mean and max absolute difference (0-255) of load_image's pixels from reference(path, size)'s."""
+    differences = [np.abs(load_image(p, PACK_SIZE).astype(np.int16) - reference(p, PACK_SIZE).astype(np.int16))
+                   for p in paths]
+    return {"mean": float(np.mean([d.mean() for d in differences])), "max": int(max(d.max() for d in differences))}
+
+
+def pillow_only_load_image(path, size):
+    """load_image with simplejpeg hidden: every JPEG through Pillow's draft mode, as before simplejpeg."""
+    saved, utils.simplejpeg = utils.simplejpeg, None
+    try:
+        return load_image(path, size)
+    finally:
+        utils.simplejpeg = saved
+
+
 def section_packing(spec):
-    """Images/s of the plain loop and of create_input_files.decode_images, interleaved run by run."""
-    device = torch.device("cpu")
+    """The tutorial's packing method against create_input_files.py, both on the same JPEGs and captions:
+    the whole process (Python start-up and imports included) and the steady state (the packing
+    function called in a process that has imported everything), interleaved run by run."""
     paths = [Path(p) for p in spec["paths"]]
-    records = [{"path": p} for p in paths]
-    workers = spec["workers"]
-    sink = np.empty((3, PACK_SIZE, PACK_SIZE), dtype=np.uint8)
+    folder, captions, tmp = paths[0].parent, spec["captions"], Path(spec["tmp"])
+    here = os.path.dirname(os.path.abspath(__file__))
 
-    def plain_images():
-        return (baseline_plain_open_resize(p, PACK_SIZE) for p in paths)
+    def out(name):
+        shutil.rmtree(tmp / name, ignore_errors=True)
+        (tmp / name).mkdir(parents=True)
+        return str(tmp / name)
 
-    def real_images():
-        for _, pixels, error in create_input_files.decode_images(records, PACK_SIZE, workers):  # in input order
-            if error is not None:
-                raise RuntimeError(error)
-            yield pixels
-
-    # Both loops hand each image on and keep none, as create_input_files.py writes each to its
-    # HDF5 file. Keeping all of them would time page faults instead: this process's heap pages are
-    # shared copy-on-write with the decoding workers it forks, so while they run each page it
-    # writes faults and is copied. Side by side on 1000 images: 2.75x when kept, 3.05x handed on.
-    def hand_on(images):
-        for pixels in images:
-            sink[:] = pixels
-
-    def plain():
-        hand_on(plain_images())
-
-    def real():
-        hand_on(real_images())
-
-    # The first pass warms up (the files into the page cache, the modules into memory) and
-    # compares the two outputs image by image.
-    difference = np.mean([np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()
-                          for a, b in zip(plain_images(), real_images(), strict=True)])
-    times = {"plain": [], "real": []}
+    tutorial_args = ["--karpathy-json", captions, "--image-folder", str(folder), "--min-word-freq", "5"]
+    ours_args = ["--karpathy-json", captions, "--image-folder", str(folder), "--image-size", str(PACK_SIZE)]
+    runs = {
+        "tutorial_whole": lambda: subprocess.run(
+            [sys.executable, "bench_tutorial_pack.py", *tutorial_args, "--output-folder", out("t")],
+            cwd=here, check=True, capture_output=True),
+        "ours_whole": lambda: subprocess.run(
+            [sys.executable, "create_input_files.py", *ours_args, "--output-folder", out("o")],
+            cwd=here, check=True, capture_output=True),
+        "tutorial_steady": lambda: quietly(bench_tutorial_pack.main, tutorial_args + ["--output-folder", out("t")]),
+        "ours_steady": lambda: quietly(create_input_files.main, ours_args + ["--output-folder", out("o")]),
+    }
+    # Warm-up: the files into the page cache, every run once; then the pixels, on the first 200 images.
+    for run in runs.values():
+        run()
+    check = paths[:200]
+    pixels = {"vs_pillow_draft_mode": pixel_differences(check, pillow_only_load_image),
+              "vs_full_decode_same_resize": pixel_differences(check, baseline_plain_open_resize),
+              "vs_tutorial_full_decode_bilinear": pixel_differences(
+                  check, lambda p, size: bench_tutorial_pack.imresize(
+                      np.asarray(Image.open(p).convert("RGB")), (size, size)).transpose(2, 0, 1))}
+    times = {name: [] for name in runs}
     for _ in range(spec["repeats"]):
-        for name, fn in (("plain", plain), ("real", real)):
+        for name, run in runs.items():
             start = time.perf_counter()
-            fn()
+            run()
             times[name].append(time.perf_counter() - start)
-    peaks = {"plain": peak_memory_mib(device, plain), "real": peak_memory_mib(device, real)}
-    sizes_kb = [p.stat().st_size / 1024 for p in paths]
-    result = {"images": len(paths), "mean_file_kb": float(np.mean(sizes_kb)), "workers": workers,
-              "mean_abs_pixel_difference": float(difference)}
-    for name in ("plain", "real"):
-        result[name] = {"images_per_s": len(paths) / median(times[name]), "seconds": times[name],
-                        "peak_memory_mib": peaks[name]}
-    result["speedup"] = result["real"]["images_per_s"] / result["plain"]["images_per_s"]
-    return result
+    seconds = {name: median(t) for name, t in times.items()}
+    return {"images": len(paths), "mean_file_kb": float(np.mean([p.stat().st_size / 1024 for p in paths])),
+            "workers": create_input_files.parse_args(ours_args + ["--output-folder", "x"]).workers,
+            "seconds": times, "median_seconds": seconds, "pixel_difference": pixels,
+            "whole_speedup": seconds["tutorial_whole"] / seconds["ours_whole"],
+            "steady_speedup": seconds["tutorial_steady"] / seconds["ours_steady"]}
+
+
+def quietly(main, argv):
+    """Run a packer's main(argv) with its progress bars and messages discarded."""
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        main(argv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,7 +685,9 @@ def targets(results):
     it is met."""
     figures = {}
     if "packing" in results:
-        figures["packing speed-up over the plain loop"] = (results["packing"]["speedup"], ">= 3", lambda x: x >= 3)
+        for kind in ("whole", "steady"):
+            figures[f"packing speed-up over the tutorial's method, {kind}"] = (
+                results["packing"][f"{kind}_speedup"], ">= 3", lambda x: x >= 3)
     if "training" in results:
         frozen = next(t for t in results["training"] if not t["fine_tune"])
         figures["data time / step time, frozen encoder"] = (frozen["data_fraction"], "< 0.1", lambda x: x < 0.1)
@@ -665,13 +705,16 @@ def targets(results):
 
 
 def packing_table(p):
-    return ["| Packing: 640x480 JPEG -> 256x256 | images/s | peak memory (MiB) |", "|---|---:|---:|",
-            f"| `baseline_plain_open_resize` (1 process, full decode) | {p['plain']['images_per_s']:.0f} "
-            f"| {p['plain']['peak_memory_mib']:.0f} |",
-            f"| `create_input_files.decode_images` (draft mode, --workers {p['workers']}) | "
-            f"{p['real']['images_per_s']:.0f} | {p['real']['peak_memory_mib']:.0f} (+ workers) |",
-            f"| speed-up; mean absolute pixel difference (0-255) | **{p['speedup']:.1f}x** | "
-            f"{p['mean_abs_pixel_difference']:.2f} |"]
+    s, n, pixels = p["median_seconds"], p["images"], p["pixel_difference"]
+    return [f"| Packing {n} 640x480 JPEGs (~{p['mean_file_kb']:.0f} KB) to 256x256 | whole process (s) "
+            "| steady state (images/s) |", "|---|---:|---:|",
+            f"| tutorial's method (`bench_tutorial_pack.py`: 1 process, full decode, bilinear) "
+            f"| {s['tutorial_whole']:.2f} | {n / s['tutorial_steady']:.0f} |",
+            f"| `create_input_files.py` (simplejpeg, --workers {p['workers']}) "
+            f"| {s['ours_whole']:.2f} | {n / s['ours_steady']:.0f} |",
+            f"| speed-up | **{p['whole_speedup']:.2f}x** | **{p['steady_speedup']:.2f}x** |",
+            "", "| load_image's pixels against (mean / max absolute difference, 0-255, first 200 images) | |",
+            "|---|---:|"] + [f"| {name.replace('_', ' ')} | {d['mean']:.3f} / {d['max']} |" for name, d in pixels.items()]
 
 
 def training_table(training, title="Training, batch 32", show_grouping=False):
@@ -804,8 +847,9 @@ def main(argv=None):
             paths = make_jpegs(tmp / "jpegs",
                                sizes["pack_images"] if "packing" in args.sections else sizes["train_images"])
         if "packing" in args.sections:
-            results["packing"] = run_section("packing", **common, paths=[str(p) for p in paths], workers=2,
-                                             repeats=repeats)
+            write_packing_captions(paths, tmp / "packing_captions.json")
+            results["packing"] = run_section("packing", **common, paths=[str(p) for p in paths], repeats=repeats,
+                                             captions=str(tmp / "packing_captions.json"), tmp=str(tmp / "packing"))
         if {"training", "grouped"} & set(args.sections):
             pack_training_set(paths[:sizes["train_images"]], tmp / "packed")
         results.update(run_training_sections(args, sizes["train_warmup_steps"], repeats, common, tmp))

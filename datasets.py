@@ -1,4 +1,4 @@
-"""The packed data written by create_input_files.py: its file layout, word map, and PyTorch dataset.
+"""The PyTorch dataset over the packed data written by create_input_files.py (its layout: packed_data.py).
 
     from datasets import CaptionDataset
     train = CaptionDataset("runs/demo/data", "train")   # one item per caption
@@ -6,64 +6,14 @@
     test = CaptionDataset("runs/demo/data", "test")     # one item per image, all its captions
 """
 
-from pathlib import Path
-
 import h5py
 import torch
 from torch.utils.data import Dataset
 
-from utils import UserError, normalize_images, read_json
-
-# ----------------------------------------------------------------------------------------------
-# The packed-data layout written by create_input_files.py
-
-SPLITS = ("train", "val", "test")
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<start>", "<end>")
-MANIFEST = "manifest.json"
-WORD_MAP = "word_map.json"
-
-
-def split_file(data_folder, split):
-    """HDF5 file of one split: images (N, 3, S, S) uint8, captions (N*C, L) int32, lengths (N*C,)."""
-    return Path(data_folder) / f"{split}.h5"
-
-
-def meta_file(data_folder, split):
-    """JSON of one split: per image its source file, id and, for the shapes set, its objects."""
-    return Path(data_folder) / f"{split}_meta.json"
-
-
-def read_manifest(data_folder):
-    """The manifest of a finished packing run; refuses folders whose packing did not finish."""
-    path = Path(data_folder) / MANIFEST
-    if not path.is_file():
-        raise UserError(
-            f"{data_folder}: no {MANIFEST}, so this is not a finished create_input_files.py output; "
-            "run create_input_files.py (again) with --output-folder pointing here")
-    return read_json(path, "a create_input_files.py manifest")
-
-
-def read_word_map(data_folder):
-    """The word map {word: index} of a packed data folder; refuses an unfinished one (its map may be stale)."""
-    read_manifest(data_folder)
-    return read_json(Path(data_folder) / WORD_MAP, "a word map written by create_input_files.py")
-
-
-def strip_special(tokens, word_map):
-    """Token indices without <start>, <end> and <pad> (what BLEU is computed on, as in the tutorial)."""
-    special = {word_map["<start>"], word_map["<end>"], word_map["<pad>"]}
-    return [t for t in tokens if t not in special]
-
-
-def reference_tokens(captions, lengths, word_map):
-    """An image's packed captions (C, L) and lengths (C,) -> C lists of word ids without special tokens."""
-    return [strip_special(c[:n].tolist(), word_map) for c, n in zip(captions, lengths)]
-
-
-def decode_tokens(tokens, rev_word_map):
-    """Token indices -> words."""
-    return [rev_word_map[t] for t in tokens]
-
+# The layout is defined beside the packer, which must not import torch; these names stay importable from here.
+from packed_data import (MANIFEST, SPECIAL_TOKENS, SPLITS, WORD_MAP, decode_tokens, meta_file,  # noqa: F401
+                         read_manifest, read_word_map, reference_tokens, split_file, strip_special)
+from utils import UserError, normalize_images
 
 # ----------------------------------------------------------------------------------------------
 # The dataset

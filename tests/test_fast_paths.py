@@ -2,7 +2,7 @@
 projection once per batch, the output layer once after the loop) against the tutorial's per-step
 formulation, bench.py's step-loop baseline against the real decoder, packing through shared memory
 against packing in one process, and images written to HDF5 in runs against the images."""
-import os
+import threading
 
 import h5py
 import numpy as np
@@ -105,7 +105,7 @@ def test_bench_step_loop_baseline_computes_the_same_loss_and_gradients():
     assert encoder_projections(real, *batch) == 1 and encoder_projections(baseline, *batch) == steps
 
 
-def test_decode_images_through_shared_memory_equals_one_process(tmp_path):
+def test_decode_images_in_threads_equals_one_thread_in_input_order(tmp_path):
     rng = np.random.default_rng(0)
     records = []
     for i in range(23):
@@ -113,22 +113,19 @@ def test_decode_images_through_shared_memory_equals_one_process(tmp_path):
         Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(path)
         records.append({"path": path})
     records.insert(9, {"path": tmp_path / "missing.jpg"})
-    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
     in_process = list(create_input_files.decode_images(records, 16, workers=0))
-    # Blocks of 5 images: several blocks, the last one part full, each block used more than once.
-    workers = list(create_input_files.decode_images(records, 16, workers=2, block_bytes=5 * 3 * 16 * 16 + 7))
-    assert [r[0] for r in workers] == list(range(len(records)))
-    for (i, pixels, error), (_, ref_pixels, ref_error) in zip(workers, in_process):
+    threads = list(create_input_files.decode_images(records, 16, workers=2))  # more images than in flight
+    assert [r[0] for r in threads] == list(range(len(records)))
+    for (i, pixels, error), (_, ref_pixels, ref_error) in zip(threads, in_process):
         assert error == ref_error
         assert (pixels is None and ref_pixels is None) or np.array_equal(pixels, ref_pixels), i
-    assert "missing.jpg: no such image file" in workers[9][2]
+    assert "missing.jpg: no such image file" in threads[9][2]
 
-    stopped = create_input_files.decode_images(records, 16, workers=2, block_bytes=5 * 3 * 16 * 16)
+    stopped = create_input_files.decode_images(records, 16, workers=2)
     next(stopped), next(stopped)
     stopped.close()  # as when packing stops at a bad image
-    if os.path.isdir("/dev/shm"):
-        assert set(os.listdir("/dev/shm")) == shm_before  # no shared block left behind
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode")]  # no thread left running
 
 
 def test_image_run_writer_appends_every_image_in_order(tmp_path):

@@ -207,7 +207,8 @@ def test_bleu_with_no_matching_4gram_is_written_as_zero_not_an_underflow(data, t
         assert next(csv.DictReader(f))["val_decoded_bleu4"] == "0.0"
 
 
-HELP_SCRIPTS = ["create_input_files.py", "caption.py", "train.py", "eval.py", "bench.py", "make_shapes_dataset.py"]
+HELP_SCRIPTS = ["create_input_files.py", "caption.py", "train.py", "eval.py", "bench.py", "make_shapes_dataset.py",
+                "bench_tutorial_pack.py"]
 # Runs each script named on its command line as `python SCRIPT --help` does (as __main__, with that argv),
 # and prints {script: [exit code, stdout]}: one interpreter start and one torch import for all of them.
 RUN_EACH_WITH_HELP = """

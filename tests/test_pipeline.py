@@ -86,7 +86,7 @@ def test_caption_accepts_any_image_mode(trained_run, tmp_path):
 
 
 @pytest.mark.parametrize("module", ["make_shapes_dataset", "create_input_files", "train", "eval", "caption", "app",
-                                    "bench_app", "scst", "cider"])
+                                    "bench_app", "bench_tutorial_pack", "scst", "cider"])
 def test_every_flag_has_a_help_string(module, monkeypatch):
     parsers = []
 

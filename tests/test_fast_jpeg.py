@@ -1,0 +1,157 @@
+"""load_image's simplejpeg path gives exactly the pixels of Pillow's draft mode, and leaves to Pillow
+every file it should not take; create_input_files.py packs without importing torch."""
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import utils
+from utils import UserError, load_image
+
+ROOT = Path(__file__).resolve().parents[1]
+EXIF_ORIENTATION = 0x0112
+
+
+def noisy(height, width, seed=0):
+    """(H, W, 3) uint8: a gradient with noise, so the scaled decodes differ from one another."""
+    rng = np.random.default_rng(seed)
+    gradient = np.linspace(0, 200, width)[None, :, None] + np.linspace(0, 55, height)[:, None, None]
+    return np.clip(gradient + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def save(path, pixels, mode="RGB", **options):
+    Image.fromarray(pixels).convert(mode).save(path, **options)
+    return path
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """The files simplejpeg is asked to decode, in order."""
+    calls = []
+    real = utils.simplejpeg.decode_jpeg
+
+    def counting(data, *args, **kwargs):
+        calls.append(len(data))
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(utils.simplejpeg, "decode_jpeg", counting)
+    return calls
+
+
+def pillow_only(path, size, monkeypatch):
+    """load_image as it was before simplejpeg: every JPEG through Pillow's draft mode."""
+    with monkeypatch.context() as m:
+        m.setattr(utils, "simplejpeg", None)
+        return load_image(path, size)
+
+
+# One JPEG for each scale draft mode picks at size 16 (it asks for 14 pixels a side): 1/1, 1/2, 1/4,
+# 1/8; odd sides, so the scaled sides round up.
+@pytest.mark.parametrize("height,width", [(20, 17), (31, 45), (61, 117), (113, 231), (480, 640)])
+def test_plain_jpegs_decode_to_the_pixels_of_pillow_draft_mode(tmp_path, monkeypatch, decode_calls, height, width):
+    path = save(tmp_path / "photo.jpg", noisy(height, width), quality=90)
+    fast = load_image(path, 16)
+    assert decode_calls == [path.stat().st_size]  # it did take the simplejpeg path
+    assert fast.shape == (3, 16, 16) and fast.dtype == np.uint8
+    assert np.array_equal(fast, pillow_only(path, 16, monkeypatch))
+
+
+@pytest.mark.parametrize("options", [{"progressive": True}, {"subsampling": 0}, {"subsampling": 1}])
+def test_progressive_and_other_subsampling_jpegs_match_pillow(tmp_path, monkeypatch, decode_calls, options):
+    path = save(tmp_path / "photo.jpg", noisy(97, 130, seed=1), quality=85, **options)
+    assert np.array_equal(load_image(path, 24), pillow_only(path, 24, monkeypatch))
+    assert decode_calls
+
+
+def test_greyscale_jpeg_decodes_to_grey_rgb_like_pillow(tmp_path, monkeypatch, decode_calls):
+    path = save(tmp_path / "grey.jpg", noisy(70, 90, seed=2), mode="L")
+    pixels = load_image(path, 16)
+    assert decode_calls
+    assert np.array_equal(pixels, pillow_only(path, 16, monkeypatch))
+    assert np.array_equal(pixels[0], pixels[1]) and np.array_equal(pixels[1], pixels[2])
+
+
+def test_tiny_jpeg_where_simplejpeg_would_pick_another_scale_goes_through_pillow(tmp_path, monkeypatch,
+                                                                                   decode_calls):
+    # 6x6 at size 2 (draft side 2): draft mode decodes at 1/2 (3x3), and libjpeg-turbo's 3/8 also
+    # gives 3x3, which simplejpeg would prefer; so Pillow decodes it.
+    path = save(tmp_path / "tiny.jpg", noisy(6, 6, seed=3))
+    assert np.array_equal(load_image(path, 2), pillow_only(path, 2, monkeypatch))
+    assert decode_calls == []
+
+
+def test_cmyk_jpeg_goes_through_pillow(tmp_path, monkeypatch, decode_calls):
+    path = save(tmp_path / "cmyk.jpg", noisy(60, 80, seed=4), mode="CMYK")
+    assert Image.open(path).mode == "CMYK"
+    pixels = load_image(path, 16)
+    assert decode_calls == []
+    assert np.array_equal(pixels, pillow_only(path, 16, monkeypatch))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".webp", ".bmp"])
+def test_other_formats_go_through_pillow(tmp_path, decode_calls, suffix):
+    pixels = noisy(40, 50, seed=5)
+    path = save(tmp_path / f"image{suffix}", pixels)
+    packed = load_image(path, 50)
+    assert decode_calls == []
+    expected = np.asarray(Image.open(path).convert("RGB").resize((50, 50), Image.Resampling.BICUBIC))
+    assert np.array_equal(packed, expected.transpose(2, 0, 1))
+
+
+def test_exif_orientation_is_honoured(tmp_path, monkeypatch, decode_calls):
+    # Left half dark, right half bright; EXIF 6 says "rotate 90 degrees clockwise to view", which
+    # puts the dark half on top.
+    pixels = np.full((60, 80, 3), 230, dtype=np.uint8)
+    pixels[:, :40] = 20
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    path = save(tmp_path / "rotated.jpg", pixels, exif=exif.tobytes(), quality=95)
+    upright = load_image(path, 16)
+    assert upright[:, :6].mean() < 60 and upright[:, 10:].mean() > 190  # dark on top
+    assert np.array_equal(upright, pillow_only(path, 16, monkeypatch))
+    assert decode_calls == []  # rotated files are Pillow's
+
+
+def test_exif_orientation_1_takes_the_fast_path(tmp_path, monkeypatch, decode_calls):
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 1
+    path = save(tmp_path / "upright.jpg", noisy(50, 70, seed=6), exif=exif.tobytes())
+    assert np.array_equal(load_image(path, 16), pillow_only(path, 16, monkeypatch))
+    assert decode_calls
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.02])
+def test_corrupt_jpeg_gets_the_same_clear_error(tmp_path, monkeypatch, keep):
+    data = io.BytesIO()
+    Image.fromarray(noisy(120, 160, seed=7)).save(data, format="JPEG")
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(data.getvalue()[:int(len(data.getvalue()) * keep)])
+    with pytest.raises(UserError) as fast:
+        load_image(path, 16)
+    with pytest.raises(UserError) as pillow:
+        pillow_only(path, 16, monkeypatch)
+    assert str(fast.value) == str(pillow.value)
+    assert str(fast.value).startswith(f"{path}: cannot decode image (")
+
+
+def test_create_input_files_packs_without_importing_torch(tmp_path):
+    images = []
+    for i in range(3):
+        save(tmp_path / f"img{i}.jpg", noisy(40, 50, seed=i))
+        images.append({"filepath": "", "filename": f"img{i}.jpg", "split": ["train", "val", "test"][i],
+                       "imgid": i, "sentences": [{"tokens": ["a", "red", "square"]}]})
+    (tmp_path / "captions.json").write_text(json.dumps({"images": images}))
+    script = ("import sys, create_input_files\n"
+              f"create_input_files.main(['--karpathy-json', {str(tmp_path / 'captions.json')!r}, "
+              f"'--image-folder', {str(tmp_path)!r}, '--output-folder', {str(tmp_path / 'out')!r}, "
+              "'--image-size', '16', '--min-word-freq', '1', '--workers', '2'])\n"
+              "print('torch imported:', 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    assert "torch imported: False" in result.stdout
