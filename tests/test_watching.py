@@ -241,3 +241,14 @@ def test_curves_mark_the_first_best_epoch_by_the_score_that_picks_best_pt(tmp_pa
 def test_plot_metrics_names_the_missing_file(tmp_path):
     with pytest.raises(UserError, match="metrics.csv: not found"):
         plot_metrics.main([str(tmp_path)])
+
+
+def test_bench_reports_the_logging_ratio_against_its_target():
+    import bench
+
+    assert bench.parse_args(["--sections", "logging"]).sections == ["logging"]
+    logging = {"batch_size": 32, "steps_each": 10, "median_seconds_off": 2.0, "median_seconds_on": 2.1,
+               "ratio": 1.05, "event_bytes_per_step": 600.0}
+    assert bench.targets({"logging": logging})["step time with / without logging at every step"] == {
+        "measured": 1.05, "wanted": "< 1.02", "met": False}
+    assert "| ratio with / without | **1.050** |" in bench.logging_table(logging)
