@@ -761,8 +761,7 @@ def train(args, rank, world_size, device):
         if optimizers["encoder"]:
             encoder = DistributedDataParallel(encoder, device_ids=device_ids)
     run = Run(args, encoder, decoder, optimizers, scaler, progress, word_map, train_set.manifest["image_size"],
-              device, rank, world_size)
-    run.log = TrainingLog.for_run(args, progress.captions_trained, run.is_main)
+              device, rank, world_size, TrainingLog.for_run(args, progress.captions_trained, rank == 0))
 
     # Loaders draw their workers' base seed from their own generator, not the global RNG, so that
     # creating one does not move the dropout masks: a run resumed mid-epoch creates its loader at

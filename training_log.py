@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils import UserError
+
 LOG_EVERY = 50  # a COCO epoch at batch 32 is ~13,000 steps: ~260 points
 # An untrained model babbles up to the longest caption: its figure (and event file) would be ~5x one
 # of a real caption. The figure shows the first words; the text has the whole caption.
@@ -82,8 +84,11 @@ class TrainingLog:
         return self.writer is not None
 
     def _open(self, purge_step):
-        from torch.utils.tensorboard import SummaryWriter  # imported only when logging is on
-
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # imported only when logging is on
+        except ImportError:
+            raise UserError("TensorBoard logging needs the tensorboard package: pip install tensorboard "
+                            "(it is in requirements.txt), or pass --no-tensorboard") from None
         quiet_writer_thread_errors()
         self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
 
