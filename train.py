@@ -5,7 +5,9 @@
     torchrun --nproc_per_node=4 train.py --data-folder data/coco_packed --output-dir runs/coco
 
 Writes into --output-dir: last.pt (every epoch, and every --save-every steps), best.pt (the epoch with
-the best validation BLEU-4 from real decoding), metrics.csv (one row per epoch) and args.json.
+the best validation BLEU-4 from real decoding), metrics.csv (one row per epoch), args.json,
+tensorboard/ (curves and attention images: `tensorboard --logdir DIR/tensorboard`, see training_log.py)
+and, at the end, curves.png (plot_metrics.py).
 Under torchrun each process reads its own shard of the data; --batch-size is per process.
 """
 
@@ -525,9 +527,9 @@ def exit_after_signal(run, stop):
 def train_one_epoch(run, loader, stop, show_progress=True, on_step=None):
     """Teacher-forced training over `loader` (the rest of the epoch, when resumed mid-epoch).
 
-    Advances run.progress.samples_done and run.progress.epoch_sums, writes last.pt every
-    --save-every steps, and calls `on_step()` after each step when given (bench.py times steps with
-    it). Returns whether a stop signal ended the epoch early.
+    Advances run.progress (samples_done, epoch_sums, steps and captions trained), logs each step to
+    run.log, writes last.pt every --save-every steps, and calls `on_step()` after each step when given
+    (bench.py times steps with it). Returns whether a stop signal ended the epoch early.
     """
     args, progress = run.args, run.progress
     run.encoder.train()

@@ -133,7 +133,7 @@ class TrainingLog:
 
     def _write_epoch(self, row, step):
         for name, value in row.items():
-            if name != "epoch" and isinstance(value, (int, float)) and value is not None:
+            if name != "epoch" and isinstance(value, (int, float)):  # hard_baseline is None before its first step
                 self.writer.add_scalar(f"epoch/{name}", value, step)
 
     def add_attention(self, encoder, decoder, val_set, count, word_map, beam_size, max_steps, device, step):
