@@ -15,6 +15,8 @@ DEMO_MODEL ?= --encoder-arch resnet18 --encoder-cut-after layer2 --encoded-size 
 	--fine-tune-encoder --attention-dim 256 --embed-dim 128 --decoder-dim 256 --dropout 0.3
 DEMO_OPTIM ?= --epochs 6 --batch-size 32 --encoder-lr 1e-3 --decoder-lr 1e-3 --lr-decay-patience 1 --lr-decay-factor 0.5 --val-beam-size 1
 DEMO_WORKERS ?= 1
+# A point of the training curves every 10 steps (the default 50 suits COCO's ~13,000 steps an epoch).
+DEMO_LOG ?= --log-every 10
 DEMO_BEAM ?= 3
 
 # Self-critical training after the demo (make demo first): from its best.pt, on a copy of its images
@@ -70,7 +72,7 @@ demo: $(VENV)/.installed  ## make shapes data, pack, train, evaluate, caption: a
 		--image-folder $(DEMO_DIR)/shapes --output-folder $(DEMO_DIR)/data --image-size $(DEMO_IMAGE_SIZE) \
 		--workers 2
 	$(PY) train.py --data-folder $(DEMO_DIR)/data --output-dir $(DEMO_DIR)/train --workers $(DEMO_WORKERS) \
-		--seed $(DEMO_SEED) $(DEMO_MODEL) $(DEMO_OPTIM)
+		--seed $(DEMO_SEED) $(DEMO_MODEL) $(DEMO_OPTIM) $(DEMO_LOG)
 	$(PY) eval.py --checkpoint $(DEMO_DIR)/train/best.pt --data-folder $(DEMO_DIR)/data --split test \
 		--beam-size $(DEMO_BEAM) --workers 0
 	$(PY) caption.py --img $$($(PY) -c "import json; print(json.load(open('$(DEMO_DIR)/data/test_meta.json'))['images'][0]['file'])") \
@@ -78,6 +80,7 @@ demo: $(VENV)/.installed  ## make shapes data, pack, train, evaluate, caption: a
 		--beam-size $(DEMO_BEAM) --out $(DEMO_DIR)/attention.png
 	@$(PY) -c "import json; m = json.load(open('$(DEMO_DIR)/train/metrics_test_beam$(DEMO_BEAM).json')); \
 		print(f\"demo: test BLEU-4 {m['bleu4']:.4f} (beam $(DEMO_BEAM)); attention figure: $(DEMO_DIR)/attention.png\")"
+	@echo "demo: training curves: $(DEMO_DIR)/train/curves.png (tensorboard --logdir $(DEMO_DIR)/train/tensorboard)"
 
 demo-scst: $(VENV)/.installed  ## self-critical training from the demo's best.pt, then evaluate (after make demo)
 	$(PY) create_input_files.py --dataset shapes --karpathy-json $(DEMO_DIR)/shapes/dataset_shapes.json \

@@ -4,6 +4,7 @@
     python bench.py                               # more images, steps and repeats
     python bench.py --device cuda --amp bf16
     python bench.py --sections grouped            # steps grouped by image: about 6 minutes on 2 CPU cores
+    python bench.py --sections logging            # training steps with and without TensorBoard logging
 
 Every figure is the median of --repeats timed runs (after an untimed warm-up, except for --quick's
 training steps), with random weights, which take as long as trained ones. What runs:
@@ -23,7 +24,10 @@ training steps), with random weights, which take as long as trained ones. What r
   5. grouped steps (--sections grouped, not run by default): training as in 2, at 40 captions a
      step, with --captions-per-image-per-step 5 (8 images and 5 captions of each: the encoder runs on
      8 images) against 1 (40 images), frozen and fine-tuned, one after the other in one run;
-  6. peak memory of each, in one more untimed run: the RSS high-water mark of the process on CPU
+  6. logging (--sections logging, not run by default): training steps as in 2 (frozen encoder,
+     batch 32, batches read beforehand) with TensorBoard logging at every step (--log-every 1, the
+     most it can cost) and without, alternating step by step (off, on, on, off, ...) in one process;
+  7. peak memory of each, in one more untimed run: the RSS high-water mark of the process on CPU
      (Linux VmHWM, reset at the run's start; it includes Python, torch and the model, not worker
      processes); torch.cuda.max_memory_allocated on CUDA.
 Each section runs in a fresh Python process, so one section's memory does not count in another's.
@@ -93,8 +97,9 @@ def parse_args(argv=None):
                         help="leave glibc's malloc settings as they are instead of calling "
                              "utils.keep_freed_memory as train.py and eval.py do on the CPU: what it gains")
     parser.add_argument("--sections", type=lambda text: text.split(","), default=list(DEFAULT_SECTIONS),
-                        help="the sections to run, comma-separated, from packing,training,decoding,ablation,grouped "
-                             "(default all but grouped, which adds about 6 minutes on 2 CPU cores); "
+                        help="the sections to run, comma-separated, from packing,training,decoding,ablation,grouped,"
+                             "logging "
+                             "(default all but grouped and logging, which add about 6 and 3 minutes on 2 CPU cores); "
                              "packing runs on the CPU whatever --device says")
     parser.add_argument("--json", type=Path, default=None,
                         help="where the results go as JSON (default runs/bench_<device>[_<amp>][_quick]"
@@ -477,6 +482,75 @@ def section_training(spec):
             "data_fraction": parts["data"] / parts["step"], "steps": timed, "peak_memory_mib": memory.mib}
 
 
+def section_logging(spec):
+    """Seconds per train.train_one_epoch step with TensorBoard logging at every step and without,
+    frozen encoder, batch 32, each batch read before its step is timed, the two settings alternating step by
+    step (off, on, on, off: drift in the machine's speed falls on both alike). Also the event file's
+    bytes per logged step."""
+    from training_log import TrainingLog
+
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    args = train.parse_args(["--data-folder", spec["data_folder"], "--no-pretrained", "--batch-size", str(BATCH_SIZE),
+                             "--amp", spec["amp"], "--output-dir", spec["tmp"], "--log-every", "1"])
+    encoder, decoder = build_models(vars(args), VOCAB)
+    encoder.to(device)
+    decoder.to(device)
+    dataset = CaptionDataset(args.data_folder, "train")
+    run = train.Run(args, encoder, decoder, train.build_optimizers(encoder, decoder, args),
+                    train.build_scaler(device, args.amp), train.Progress(), word_map={},
+                    image_size=dataset.manifest["image_size"], device=device)
+    calibrate_batchnorm(encoder, torch.stack([dataset[i][0] for i in range(BATCH_SIZE)]).to(device))
+    steps = 2 * max(4 * spec["repeats"], 20) + 2  # a warm-up pair, then as many steps of each setting
+    loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
+    batches = (batch for _ in range(steps) for batch in loader)  # epoch after epoch
+    log_dir = Path(spec["tmp"]) / "tensorboard"
+    logs = {False: TrainingLog.off(), True: TrainingLog(log_dir, log_every=1)}
+    seconds = {False: [], True: []}
+    pair_ratios = []  # steps 2k and 2k+1 (k >= 1) are one of each setting
+    for i in range(steps):
+        batch = next(batches)  # read before the clock starts
+        logging = i % 4 in (1, 2)
+        run.log = logs[logging]
+        started = time.perf_counter()
+        train.train_one_epoch(run, [batch], train.StopRequested(), show_progress=False)
+        clock(device)
+        if i >= 2:
+            seconds[logging].append(time.perf_counter() - started)
+        if i >= 2 and i % 2:
+            pair_ratios.append(seconds[True][-1] / seconds[False][-1])
+    work_steps = max(spec["repeats"], 20)
+    work = logging_work_seconds(run, logs[True], device, work_steps)
+    logs[True].close()
+    event_bytes = sum(path.stat().st_size for path in log_dir.iterdir())
+    off, on = median(seconds[False]), median(seconds[True])
+    return {"batch_size": BATCH_SIZE, "steps_each": len(seconds[True]), "median_seconds_off": off,
+            "median_seconds_on": on, "ratio": on / off, "median_pair_ratio": median(pair_ratios),
+            "logging_work_seconds": work, "seconds_off": seconds[False], "seconds_on": seconds[True],
+            "event_bytes_per_step": event_bytes / (len(seconds[True]) + 1 + work_steps)}  # warm-up step included
+
+
+def logging_work_seconds(run, log, device, steps):
+    """Median seconds of what logging adds to a step, timed alone (far below the steps' own noise):
+    train.step_figures on the last step's gradients and a batch's attention maps, and add_step
+    writing a point."""
+    run.log = log
+    lengths = torch.full((BATCH_SIZE,), 12, device=device)  # (B,)
+    pixels = run.encoder.encoded_size ** 2
+    alphas = torch.softmax(torch.randn(BATCH_SIZE, 12, pixels, device=device), dim=2)  # (B, T, P)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        figures = train.step_figures(run, alphas, lengths)
+        run.progress.steps_trained += 1
+        log.add_step(run.progress.steps_trained, run.progress.captions_trained, {
+            "loss": 1.0, "top5": 0.5, **figures, **train.learning_rates(run), "captions": BATCH_SIZE,
+            "seconds": 1.0, "data_seconds": 0.0})
+        times.append(time.perf_counter() - started)
+    return median(times)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Decoding
 
@@ -622,7 +696,7 @@ def section_ablation(spec):
 
 
 SECTIONS = {"packing": section_packing, "training": section_training, "decoding": section_decoding,
-            "ablation": section_ablation, "grouped": section_training}
+            "ablation": section_ablation, "grouped": section_training, "logging": section_logging}
 DEFAULT_SECTIONS = ("packing", "training", "decoding", "ablation")
 
 
@@ -696,6 +770,9 @@ def targets(results):
         figures["beam 5 batched / one at a time"] = (beam5["speedup_over_single"], ">= 10", lambda x: x >= 10)
     if "ablation" in results:
         figures["decoder precompute speed-up"] = (results["ablation"]["speedup"], ">= 4", lambda x: x >= 4)
+    if "logging" in results:
+        figures["step time with / without logging at every step"] = (results["logging"]["ratio"], "< 1.02",
+                                                                      lambda x: x < 1.02)
     for setting, wanted in (("frozen", 3.0), ("fine-tuned", 3.5)):
         if "grouped" in results:
             figures[f"{GROUPED_PER_IMAGE} captions per image per step / 1, {setting} encoder"] = (
@@ -744,6 +821,18 @@ def grouped_table(results):
     return lines
 
 
+def logging_table(logging):
+    """training steps with and without TensorBoard logging, side by side."""
+    return [f"| Training step, frozen encoder, batch {logging['batch_size']}, ResNet-101 14x14 | median s "
+            f"({logging['steps_each']} steps each) |", "|---|---:|",
+            f"| without logging (--no-tensorboard) | {logging['median_seconds_off']:.3f} |",
+            f"| with TensorBoard logging at every step (--log-every 1) | {logging['median_seconds_on']:.3f} |",
+            f"| ratio with / without (median of the pairs of neighbouring steps) | **{logging['ratio']:.3f}** "
+            f"({logging['median_pair_ratio']:.3f}) |",
+            f"| what logging adds to a step, timed alone | {logging['logging_work_seconds']:.4f} |",
+            f"| event file bytes per logged step | {logging['event_bytes_per_step']:.0f} |"]
+
+
 def grouped_speedups(grouped):
     """captions/s with GROUPED_PER_IMAGE captions per image over 1, for the frozen and the fine-tuned encoder."""
     def speed(fine_tune, per_image):
@@ -786,7 +875,7 @@ def ablation_table(a):
 
 
 TABLES = {"packing": packing_table, "training": training_table, "decoding": decoding_table,
-          "ablation": ablation_table, "grouped": grouped_table}
+          "ablation": ablation_table, "grouped": grouped_table, "logging": logging_table}
 
 
 def markdown(results):
@@ -820,6 +909,8 @@ def run_training_sections(args, warmup_steps, repeats, common, tmp):
             run_section("grouped", **spec, fine_tune=fine_tune, batch_size=GROUPED_BATCH, per_image=per_image)
             for fine_tune in (False, True) for per_image in (1, GROUPED_PER_IMAGE)]
         results["grouped_speedup"] = grouped_speedups(results["grouped"])
+    if "logging" in args.sections:
+        results["logging"] = run_section("logging", **spec)
     return results
 
 
@@ -843,14 +934,14 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         tmp = Path(tmp)
         (tmp / "jpegs").mkdir()
-        if {"packing", "training", "grouped"} & set(args.sections):  # training packs the first train_images
+        if {"packing", "training", "grouped", "logging"} & set(args.sections):  # training packs the first train_images
             paths = make_jpegs(tmp / "jpegs",
                                sizes["pack_images"] if "packing" in args.sections else sizes["train_images"])
         if "packing" in args.sections:
             write_packing_captions(paths, tmp / "packing_captions.json")
             results["packing"] = run_section("packing", **common, paths=[str(p) for p in paths], repeats=repeats,
                                              captions=str(tmp / "packing_captions.json"), tmp=str(tmp / "packing"))
-        if {"training", "grouped"} & set(args.sections):
+        if {"training", "grouped", "logging"} & set(args.sections):
             pack_training_set(paths[:sizes["train_images"]], tmp / "packed")
         results.update(run_training_sections(args, sizes["train_warmup_steps"], repeats, common, tmp))
     if "decoding" in args.sections:

@@ -14,7 +14,9 @@ samples) and minimises -(reward - baseline) * log-probability of the sampled wor
 than the baseline become likelier, worse ones less likely.
 
 Everything else is train.py's: checkpoints (last.pt, best.pt by validation CIDEr-D of decoded
-captions), exact resume mid-epoch, SIGTERM, NaN/inf checks, torchrun, metrics.csv and args.json.
+captions), exact resume mid-epoch, SIGTERM, NaN/inf checks, torchrun, metrics.csv, args.json,
+TensorBoard logs (training_log.py; the x axis counts sampled captions: images x --scst-samples)
+and curves.png.
 Checkpoints load in eval.py and caption.py like train.py's.
 """
 
@@ -39,6 +41,8 @@ from beam_search import LENGTH_PENALTY_HELP
 from checkpoints import build_models, load_checkpoint, load_model_weights, set_rng_state
 from cider import CiderD, split_references
 from datasets import CaptionDataset, decode_tokens, read_word_map
+from plot_metrics import write_curves
+from training_log import TrainingLog, gradient_figures
 from utils import UserError, atomic_write, run_main
 
 EPOCH_SUMS = ("reward", "baseline", "samples")  # sums over the epoch's samples, for metrics.csv
@@ -83,7 +87,7 @@ def parse_args(argv=None):
     scst.add_argument("--val-length-penalty", type=float, default=0.0, help=LENGTH_PENALTY_HELP)
     train.add_system_flags(parser.add_argument_group("system"))
     args = parser.parse_args(argv)
-    for name in ("scst_samples", "max_sample_length", "epochs", "batch_size", "val_beam_size"):
+    for name in ("scst_samples", "max_sample_length", "epochs", "batch_size", "val_beam_size", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.scst_baseline == "mean" and args.scst_samples < 2:
@@ -164,6 +168,8 @@ class ScstProgress:
     epochs_since_improvement: int = 0
     history: list = field(default_factory=list)
     epoch_sums: dict = field(default_factory=lambda: dict.fromkeys(EPOCH_SUMS, 0.0))
+    steps_trained: int = 0  # since the run began
+    captions_trained: int = 0  # captions sampled and trained on since the run began: the curves' x axis
 
 
 @dataclass
@@ -186,8 +192,9 @@ class ScstRun(train.Run):
 
 def scst_step(run, images, indices, step, stop):
     """One self-critical update on a batch of images (B, 3, S, S) with their indices (B,) in the train
-    split. Returns (mean reward, mean baseline, whether any process was asked to stop). Raises
-    train.TrainingDiverged instead of applying an update that is not finite."""
+    split. Returns (mean reward, mean baseline, whether any process was asked to stop, the step's
+    figures for the curves). Raises train.TrainingDiverged instead of applying an update that is not
+    finite."""
     args, decoder, word_map = run.args, run.decoder, run.word_map
     start, end, rev_word_map = word_map["<start>"], word_map["<end>"], run.rev_word_map
     references = [run.references[i] for i in indices.tolist()]
@@ -209,13 +216,13 @@ def scst_step(run, images, indices, step, stop):
                                device=run.device)  # (B*S,)
         advantage, baselines = advantages(rewards, baseline_rewards, args.scst_samples, args.scst_baseline)
         loss = scst_loss(log_probs.float(), counted, advantage)
-    stopped = apply_update(run, loss, step, stop)
-    return float(rewards.mean()), float(baselines.mean()), stopped
+    stopped, figures = apply_update(run, loss, step, stop)
+    return float(rewards.mean()), float(baselines.mean()), stopped, figures
 
 
 def apply_update(run, loss, step, stop):
     """Backward, the finite checks of train.train_step, clipping and the optimiser step. Returns
-    whether any process was asked to stop."""
+    whether any process was asked to stop, and the figures of the gradient for the curves."""
     args = run.args
     run.scaler.scale(loss).backward()
     if run.world_size > 1:  # sampling is not a forward() that DDP could hook: average the gradients here
@@ -229,6 +236,10 @@ def apply_update(run, loss, step, stop):
     if not run.scaler.is_enabled():
         grads = [p.grad for p in run.trainable if p.grad is not None]
         bad_grads = bool(grads) and not bool(torch.nn.utils.get_total_norm(grads).isfinite())
+    figures = {}
+    if run.log.enabled:  # before clipping, as train.step_figures
+        figures = gradient_figures([p.grad for p in run.trainable if p.grad is not None], args.grad_clip)
+        figures = dict(zip(figures, torch.stack(list(figures.values())).tolist()))
     bad_loss, bad_grads, stop_flag = train.all_reduce_sum(
         [float(not torch.isfinite(loss)), float(bad_grads), float(stop.signal is not None)], run.device,
         run.world_size)
@@ -242,7 +253,7 @@ def apply_update(run, loss, step, stop):
     for opt in run.active_optimizers():
         run.scaler.step(opt)
     run.scaler.update()
-    return bool(stop_flag)
+    return bool(stop_flag), figures
 
 
 def train_one_epoch(run, loader, stop, show_progress=True):
@@ -256,10 +267,18 @@ def train_one_epoch(run, loader, stop, show_progress=True):
                disable=not show_progress, dynamic_ncols=True)
     first_step = progress.samples_done // (args.batch_size * run.world_size)
     stopped = False
+    step_started = time.perf_counter()
     for step, (images, _, _, indices) in enumerate(bar, start=first_step):
+        data_seconds = time.perf_counter() - step_started  # waiting for the loader
         images = images.to(run.device, non_blocking=True)
-        reward, baseline, stopped = scst_step(run, images, indices, step, stop)
+        reward, baseline, stopped, figures = scst_step(run, images, indices, step, stop)
         progress.samples_done += images.shape[0] * run.world_size
+        sampled = images.shape[0] * args.scst_samples * run.world_size
+        progress.steps_trained += 1
+        progress.captions_trained += sampled
+        run.log.add_step(progress.steps_trained, progress.captions_trained, {
+            "reward": reward, "baseline": baseline, **figures, **train.learning_rates(run), "captions": sampled,
+            "seconds": time.perf_counter() - step_started, "data_seconds": data_seconds})
         unsynced.update(reward=reward * images.shape[0], baseline=baseline * images.shape[0],
                         samples=images.shape[0])
         shown = {k: progress.epoch_sums[k] + unsynced[k] for k in EPOCH_SUMS}
@@ -270,6 +289,7 @@ def train_one_epoch(run, loader, stop, show_progress=True):
             run.save("last.pt")
         if stopped:
             break
+        step_started = time.perf_counter()
     add_epoch_sums(run, unsynced)
     return stopped
 
@@ -323,6 +343,7 @@ def fit(run, train_set, val_loader, val_references, loader_options, stop):
             "epoch": progress.epoch, "train_reward": sums["reward"] / max(sums["samples"], 1),
             "train_baseline": sums["baseline"] / max(sums["samples"], 1), **metrics,
             "seconds": round(time.time() - started, 1)})
+        train.log_validation(run, val_loader.dataset, max_steps)
         progress.epoch, progress.samples_done = progress.epoch + 1, 0
         progress.epoch_sums = dict.fromkeys(EPOCH_SUMS, 0.0)
         run.save("last.pt", *(["best.pt"] if improved else []))
@@ -332,6 +353,8 @@ def fit(run, train_set, val_loader, val_references, loader_options, stop):
             print(f"scst epoch {row['epoch']}: train reward {row['train_reward']:.3f} (baseline "
                   f"{row['train_baseline']:.3f}), val CIDEr-D (decoded, beam {args.val_beam_size}) "
                   f"{row['val_decoded_cider']:.4f}{' (best)' if improved else ''}", file=sys.stderr)
+    if run.is_main and progress.history:
+        write_curves(args.output_dir)
     return progress.history
 
 
@@ -395,6 +418,7 @@ def train_scst(args, rank, world_size, device):
     scorer = scorer or CiderD.from_references(train_refs)  # counted once, then kept in every checkpoint
     run = ScstRun(args, encoder, decoder, optimizers, scaler, progress, word_map, train_set.manifest["image_size"],
                   device, rank, world_size, scorer=scorer, references=train_refs)
+    run.log = TrainingLog.for_run(args, progress.captions_trained, run.is_main)
     loader_options = dict(num_workers=args.workers, pin_memory=device.type == "cuda",
                           worker_init_fn=train.worker_init, generator=torch.Generator().manual_seed(args.seed + rank))
     val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=range(rank, len(val_set), world_size),
@@ -408,6 +432,7 @@ def train_scst(args, rank, world_size, device):
                 {**train.plain(vars(args)), "world_size": world_size, "device": str(device)}, f, indent=2))
         return fit(run, train_set, val_loader, val_refs, loader_options, stop)
     finally:
+        run.log.close()
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
 

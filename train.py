@@ -5,7 +5,9 @@
     torchrun --nproc_per_node=4 train.py --data-folder data/coco_packed --output-dir runs/coco
 
 Writes into --output-dir: last.pt (every epoch, and every --save-every steps), best.pt (the epoch with
-the best validation BLEU-4 from real decoding), metrics.csv (one row per epoch) and args.json.
+the best validation BLEU-4 from real decoding), metrics.csv (one row per epoch), args.json,
+tensorboard/ (curves and attention images: `tensorboard --logdir DIR/tensorboard`, see training_log.py)
+and, at the end, curves.png (plot_metrics.py).
 Under torchrun each process reads its own shard of the data; --batch-size is per process.
 """
 
@@ -33,10 +35,12 @@ from beam_search import LENGTH_PENALTY_HELP
 from checkpoints import (ARCH_ARGS, CHECKPOINT_VERSION, arch_arg, build_models, load_checkpoint,
                          load_model_weights, rng_state, save_checkpoint, set_rng_state)
 from datasets import CaptionDataset, read_word_map, reference_tokens
-from losses import (caption_loss, caption_loss_sums, hard_attention_terms, loss_from_sums, top5_correct,
-                    updated_baseline)
+from losses import (attention_penalty, caption_loss, caption_loss_sums, hard_attention_terms, loss_from_sums,
+                    top5_correct, updated_baseline)
 from metrics import bleu_scores
 from models import ATTENTION_TYPES, OUTPUT_LAYERS, RESNET_ARCHS, RESNET_BLOCKS
+from plot_metrics import write_curves
+from training_log import TrainingLog, add_logging_flags, attention_entropy, gradient_figures
 from utils import UserError, atomic_write, keep_freed_memory, resolve_device, run_main
 
 
@@ -47,7 +51,8 @@ def parse_args(argv=None):
     add_optimisation_flags(parser.add_argument_group("optimisation"))
     add_system_flags(parser.add_argument_group("system"))
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "encoded_size", "val_beam_size", "captions_per_image_per_step"):
+    for name in ("epochs", "batch_size", "encoded_size", "val_beam_size", "captions_per_image_per_step",
+                 "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.batch_size % args.captions_per_image_per_step:
@@ -161,6 +166,7 @@ def add_system_flags(system):
                         help="continue from this checkpoint (last.pt) exactly where it stopped")
     system.add_argument("--save-every", type=int, default=0,
                         help="also write last.pt every N training steps (default 0: each epoch only)")
+    add_logging_flags(system)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,6 +230,8 @@ class Progress:
     # and train_top5 are computed from, so that an epoch resumed part way reports an uninterrupted one's.
     epoch_sums: dict = field(default_factory=lambda: dict.fromkeys(EPOCH_SUMS, 0.0))
     hard_baseline: float = None  # hard attention's REINFORCE baseline b (None before its first batch)
+    steps_trained: int = 0  # since the run began
+    captions_trained: int = 0  # since the run began, over all processes: the x axis of its curves
 
 
 EPOCH_SUMS = ("loss", "top5", "words")  # loss x words, correct top-5 predictions, real words
@@ -245,6 +253,7 @@ class Run:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    log: TrainingLog = field(default_factory=TrainingLog.off)  # TensorBoard (rank 0, unless --no-tensorboard)
 
     @property
     def is_main(self):
@@ -276,6 +285,7 @@ class Run:
     def save(self, *names):
         """Write the checkpoint once under each of `names` in --output-dir (rank 0 only)."""
         if self.is_main:
+            self.log.flush()  # the curves on disk reach as far as the checkpoint a resume starts from
             state = self.checkpoint()
             for name in names:
                 save_checkpoint(self.args.output_dir / name, state)
@@ -419,7 +429,8 @@ class TrainingDiverged(UserError):
 def train_step(run, images, captions, lengths, step, stop, captions_per_image=1):
     """One teacher-forced optimisation step on images (n, 3, S, S) and captions (B, L), lengths (B,),
     B = n * K with an image's K = `captions_per_image` captions in consecutive rows (see `caption_rows`).
-    Returns (loss, real-word scores (N, V) and targets (N,), whether any process was asked to stop).
+    Returns (loss, real-word scores (N, V) and targets (N,), whether any process was asked to stop,
+    the step's figures for the curves: {name: float}, empty when logging is off).
     Raises TrainingDiverged instead of applying an update that is not finite."""
     args, optimizers = run.args, run.active_optimizers()
     for opt in optimizers:
@@ -447,6 +458,7 @@ def train_step(run, images, captions, lengths, step, stop, captions_per_image=1)
         # any gradient is, or if one is too large (~1e19) to square in float32.
         grads = [p.grad for p in run.trainable if p.grad is not None]
         bad_grads = bool(grads) and not bool(torch.nn.utils.get_total_norm(grads).isfinite())
+    figures = step_figures(run, alphas, decode_lengths) if run.log.enabled else {}
     # One small all-reduce keeps every process deciding alike about NaNs and stop signals.
     bad_loss, bad_grads, stop_flag, reward_sum, sampled = all_reduce_sum(
         [float(not torch.isfinite(objective)), float(bad_grads), float(stop.signal is not None), float(reward_sum),
@@ -461,10 +473,31 @@ def train_step(run, images, captions, lengths, step, stop, captions_per_image=1)
     for opt in optimizers:
         run.scaler.step(opt)
     run.scaler.update()
+    if hard and figures:  # the mean reward of this step's sampled captions, and the b it was compared with
+        reward, baseline = reward_sum / max(sampled, 1), run.progress.hard_baseline
+        figures.update(hard_reward=reward, hard_baseline=reward if baseline is None else baseline)
     if hard:  # over all processes' captions, so that every process keeps the same b
         run.progress.hard_baseline = updated_baseline(run.progress.hard_baseline, reward_sum, int(sampled),
                                                       args.hard_baseline_decay)
-    return loss, real_scores, real_targets, bool(stop_flag)
+    return loss, real_scores, real_targets, bool(stop_flag), figures
+
+
+def step_figures(run, alphas, decode_lengths):
+    """What the training curves show of a step besides its loss, read after the backward pass and
+    before clipping: the gradient's norm, whether clipping changes it, the attention penalty and, for
+    hard attention, the attention maps' entropy. One host wait for all of them."""
+    grads = [p.grad for p in run.trainable if p.grad is not None]
+    figures = gradient_figures(grads, run.args.grad_clip)
+    figures["attention_penalty"] = attention_penalty(alphas.detach()).mean()
+    if run.args.attention == "hard":
+        figures["attention_entropy"] = attention_entropy(alphas, decode_lengths)
+    values = torch.stack([v.float() for v in figures.values()]).tolist()
+    return dict(zip(figures, values))
+
+
+def learning_rates(run):
+    """{lr_decoder: ..., lr_encoder: ...} of the optimisers in use."""
+    return {f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in run.optimizers.items() if opt is not None}
 
 
 def caption_rows(captions, lengths):
@@ -494,9 +527,9 @@ def exit_after_signal(run, stop):
 def train_one_epoch(run, loader, stop, show_progress=True, on_step=None):
     """Teacher-forced training over `loader` (the rest of the epoch, when resumed mid-epoch).
 
-    Advances run.progress.samples_done and run.progress.epoch_sums, writes last.pt every
-    --save-every steps, and calls `on_step()` after each step when given (bench.py times steps with
-    it). Returns whether a stop signal ended the epoch early.
+    Advances run.progress (samples_done, epoch_sums, steps and captions trained), logs each step to
+    run.log, writes last.pt every --save-every steps, and calls `on_step()` after each step when given
+    (bench.py times steps with it). Returns whether a stop signal ended the epoch early.
     """
     args, progress = run.args, run.progress
     run.encoder.train()
@@ -506,17 +539,25 @@ def train_one_epoch(run, loader, stop, show_progress=True, on_step=None):
                disable=not show_progress, dynamic_ncols=True)
     first_step = progress.samples_done // (args.batch_size * run.world_size)  # > 0 when resumed mid-epoch
     stopped = False
+    step_started = time.perf_counter()
     for step, (images, captions, lengths) in enumerate(bar, start=first_step):
+        data_seconds = time.perf_counter() - step_started  # waiting for the loader
         images = images.to(run.device, non_blocking=True)
         captions = captions.to(run.device, non_blocking=True)
         lengths = lengths.to(run.device, non_blocking=True)
         captions, lengths, per_image = caption_rows(captions, lengths)
-        loss, real_scores, real_targets, stopped = train_step(run, images, captions, lengths, step, stop,
-                                                              per_image)
+        loss, real_scores, real_targets, stopped, figures = train_step(run, images, captions, lengths, step, stop,
+                                                                       per_image)
 
-        progress.samples_done += captions.shape[0] * run.world_size
-        words = real_targets.numel()
-        unsynced.update(loss=loss.item() * words, top5=top5_correct(real_scores, real_targets), words=words)
+        trained = captions.shape[0] * run.world_size
+        progress.samples_done += trained
+        words, loss_value, top5 = real_targets.numel(), loss.item(), top5_correct(real_scores, real_targets)
+        unsynced.update(loss=loss_value * words, top5=top5, words=words)
+        progress.steps_trained += 1
+        progress.captions_trained += trained
+        run.log.add_step(progress.steps_trained, progress.captions_trained, {
+            "loss": loss_value, "top5": top5 / max(words, 1), **figures, **learning_rates(run),
+            "captions": trained, "seconds": time.perf_counter() - step_started, "data_seconds": data_seconds})
         shown = {k: progress.epoch_sums[k] + unsynced[k] for k in EPOCH_SUMS}  # this process's view
         bar.set_postfix(loss=f"{shown['loss'] / max(shown['words'], 1):.3f}",
                         top5=f"{100 * shown['top5'] / max(shown['words'], 1):.1f}%")
@@ -527,6 +568,7 @@ def train_one_epoch(run, loader, stop, show_progress=True, on_step=None):
             on_step()
         if stopped:
             break
+        step_started = time.perf_counter()
     add_epoch_sums(run, unsynced)
     return stopped
 
@@ -631,13 +673,25 @@ def fit(run, train_set, val_loader, loader_options, stop):
             **({"hard_baseline": progress.hard_baseline} if args.attention == "hard" else {})})
 
         # Checkpoints and logs, at the start of the next epoch.
+        log_validation(run, val_loader.dataset, max_steps)
         progress.epoch, progress.samples_done = progress.epoch + 1, 0
         progress.epoch_sums = dict.fromkeys(EPOCH_SUMS, 0.0)
         run.save("last.pt", *(["best.pt"] if improved else []))
         if run.is_main:
             write_metrics_csv(args.output_dir / "metrics.csv", progress.history)
             print(epoch_summary(progress.history[-1], args.val_beam_size, improved), file=sys.stderr)
+    if run.is_main:
+        write_curves(args.output_dir)
     return progress.history
+
+
+def log_validation(run, val_set, max_steps):
+    """To TensorBoard: the epoch's metrics.csv row, and the caption and attention figure of the first
+    --log-images validation images (decoded as validation decodes)."""
+    args, progress = run.args, run.progress
+    run.log.add_epoch(progress.history[-1], progress.captions_trained)
+    run.log.add_attention(unwrap(run.encoder), unwrap(run.decoder), val_set, args.log_images, run.word_map,
+                          args.val_beam_size, max_steps, run.device, progress.captions_trained)
 
 
 def epoch_summary(row, beam_size, improved):
@@ -709,7 +763,7 @@ def train(args, rank, world_size, device):
         if optimizers["encoder"]:
             encoder = DistributedDataParallel(encoder, device_ids=device_ids)
     run = Run(args, encoder, decoder, optimizers, scaler, progress, word_map, train_set.manifest["image_size"],
-              device, rank, world_size)
+              device, rank, world_size, TrainingLog.for_run(args, progress.captions_trained, rank == 0))
 
     # Loaders draw their workers' base seed from their own generator, not the global RNG, so that
     # creating one does not move the dropout masks: a run resumed mid-epoch creates its loader at
@@ -728,6 +782,7 @@ def train(args, rank, world_size, device):
                 {**plain(vars(args)), "world_size": world_size, "device": str(device)}, f, indent=2))
         return fit(run, train_set, val_loader, loader_options, stop)
     finally:
+        run.log.close()
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
 

@@ -18,7 +18,8 @@ torch.set_num_threads(1)
 # A small, fast model: ResNet-18 cut after layer2 on 64x64 images gives an 8x8 attention grid.
 TINY_MODEL = ["--encoder-arch", "resnet18", "--encoder-cut-after", "layer2", "--encoded-size", "8",
               "--no-pretrained", "--fine-tune-encoder", "--attention-dim", "32", "--embed-dim", "16",
-              "--decoder-dim", "32", "--workers", "0", "--batch-size", "16"]
+              "--decoder-dim", "32", "--workers", "0", "--batch-size", "16",
+              "--log-images", "0"]  # attention figures cost ~0.5 s each: tests/test_watching.py asks for them
 
 
 def pytest_configure(config):

@@ -34,10 +34,10 @@ def record_writes(writes):
         if event == "open" and args[0] is not None and not isinstance(args[0], int):
             mode, flags = args[1], args[2]
             if (mode and any(c in mode for c in "wax+")) or (mode is None and flags & WRITE_FLAGS):
-                writes.append((event, str(args[0])))
+                writes.append((event, os.fsdecode(args[0])))  # tensorboard opens bytes paths
         elif event in ("os.rename", "os.remove", "os.mkdir", "os.truncate", "shutil.copyfile",
                        "tempfile.mkstemp", "tempfile.mkdtemp"):
-            writes.append((event, str(args[0])))
+            writes.append((event, os.fsdecode(args[0])))
     sys.addaudithook(hook)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, DistributedSampler
 
 import eval as evaluate_script
@@ -34,7 +35,7 @@ MODEL = ["--encoder-arch", "resnet18", "--encoder-cut-after", "layer2", "--encod
 FINE_TUNED = MODEL + ["--fine-tune-encoder", "--batch-size", "4", "--decoder-lr", "1e-2", "--encoder-lr", "1e-3"]
 # A frozen, randomly initialised encoder is not wrapped in DDP: only equal seeds make it equal on all ranks.
 FROZEN = MODEL + ["--batch-size", "16"]
-RUN_FILES = ["args.json", "best.pt", "last.pt", "metrics.csv"]
+RUN_FILES = ["args.json", "best.pt", "curves.png", "last.pt", "metrics.csv", "tensorboard"]
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +154,28 @@ def test_two_processes_train_one_model_and_rank0_writes_one_run(ddp_run, tiny_da
     # One run's files, written by rank 0 only, holding the unwrapped modules rank 0 trained.
     assert sorted(os.listdir(out)) == RUN_FILES
     assert dumps[1]["writes"] == []
-    assert dumps[0]["writes"] and all(out in (Path(path), Path(path).parent) for _, path in dumps[0]["writes"])
+    # matplotlib (attention figures, curves.png) makes sure its own config and cache folders exist.
+    import matplotlib
+    its_own = {("os.mkdir", matplotlib.get_configdir()), ("os.mkdir", matplotlib.get_cachedir())}
+    outside = [(event, path) for event, path in dumps[0]["writes"]
+               if out != Path(path) and out not in Path(path).parents and (event, path) not in its_own]
+    assert dumps[0]["writes"] and not outside
     assert_same_state(checkpoint_state(out / "last.pt"), dumps[0]["state"])
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and last["samples_done"] == 0
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     assert json.loads((out / "args.json").read_text())["world_size"] == 2
+
+    # One event file, rank 0's, whose x axis counts both processes' captions: 200 an epoch, 8 a step.
+    assert len(os.listdir(out / "tensorboard")) == 1
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("epoch/val_decoded_bleu4")] == [200, 400]
+    assert [e.value for e in events.Scalars("epoch/val_decoded_bleu4")] == pytest.approx(
+        [float(r["val_decoded_bleu4"]) for r in rows], rel=1e-6)
+    assert [e.step for e in events.Images("attention/val_image_0")] == [200, 400]
+    assert [e.step for e in events.Scalars("train/loss")] == [400]  # step 50 (--log-every 50) of 4 + 4 captions
 
 
 def test_distributed_validation_equals_single_process(ddp_run, tiny_data):
@@ -222,7 +238,7 @@ def test_signal_on_one_of_two_nodes_stops_both_and_resumes_on_one_process(tiny_d
     # and rank 0 saved them mid-epoch: 4 steps x `batch` captions x 2 processes.
     assert [d["exit_code"] for d in dumps] == [128 + signal.SIGTERM] * 2
     assert_same_state(dumps[0]["state"], dumps[1]["state"])
-    assert sorted(os.listdir(out)) == ["args.json", "last.pt"] and dumps[1]["writes"] == []
+    assert sorted(os.listdir(out)) == ["args.json", "last.pt", "tensorboard"] and dumps[1]["writes"] == []
     assert_same_state(checkpoint_state(out / "last.pt"), dumps[0]["state"])
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["epoch"] == 0 and state["samples_done"] == 4 * batch * 2

@@ -260,5 +260,7 @@ def test_one_update_on_two_processes_equals_one_process_on_both_batches(one_proc
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     assert all(math.isfinite(float(r["train_reward"])) for r in rows)
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.pt", "last.pt", "metrics.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.pt", "curves.png", "last.pt", "metrics.csv",
+                                                     "tensorboard"]
+    assert len(list((out / "tensorboard").iterdir())) == 1  # rank 0's event file
     assert json.loads((out / "args.json").read_text())["world_size"] == 2
