@@ -21,7 +21,7 @@ SMALL_MODEL = ["--encoder-arch", "resnet18", "--encoder-cut-after", "layer2", "-
                "--no-pretrained", "--fine-tune-encoder", "--attention-dim", "128", "--embed-dim", "64",
                "--decoder-dim", "128", "--dropout", "0.1", "--workers", "0", "--batch-size", "32",
                "--encoder-lr", "1e-3", "--decoder-lr", "2e-3", "--lr-decay-patience", "1",
-               "--lr-decay-factor", "0.5"]
+               "--lr-decay-factor", "0.5", "--log-images", "0"]  # no attention figures: they train nothing
 
 
 @pytest.fixture

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 # on the CPU even where a GPU is present, so that runs in and out of this process match bit for bit.
 TINY32 = ["--encoder-arch", "resnet18", "--encoder-cut-after", "layer2", "--encoded-size", "4",
           "--no-pretrained", "--fine-tune-encoder", "--attention-dim", "32", "--embed-dim", "16",
-          "--decoder-dim", "32", "--workers", "0", "--device", "cpu"]
+          "--decoder-dim", "32", "--workers", "0", "--device", "cpu",
+          "--log-images", "0"]  # attention figures cost ~0.5 s each: tests/test_watching.py checks them
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
