@@ -166,7 +166,7 @@ MUTATIONS = [
     Mutation("packing: a caption of exactly max-len words is dropped", "create_input_files.py",
              "if len(tokens) > max_len:", "if len(tokens) >= max_len:", PACKING),
     Mutation("images: pixels not divided by 255 before ImageNet normalisation", "utils.py",
-             "return (images.float() / 255.0 - mean) / std", "return (images.float() - mean) / std", PACKING),
+             "scaled = images.float() / 255.0", "scaled = images.float()", PACKING),
     Mutation("dataset: caption i paired with the wrong image", "datasets.py",
              "self._image(i // self.captions_per_image)", "self._image(i % self.captions_per_image)", PACKING),
     # ---- training
@@ -214,7 +214,7 @@ MUTATIONS = [
     Mutation("resume: mid-epoch resume starts the epoch over", "train.py",
              "skip = progress.samples_done // run.world_size", "skip = 0", RESUME),
     # ---- metrics
-    Mutation("BLEU: references keep <start> and <end>", "datasets.py",
+    Mutation("BLEU: references keep <start> and <end>", "packed_data.py",
              'special = {word_map["<start>"], word_map["<end>"], word_map["<pad>"]}',
              'special = {word_map["<pad>"]}', METRICS),
     Mutation("content: every named object counted as right", "metrics.py",
