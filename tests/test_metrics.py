@@ -14,6 +14,7 @@ from nltk.translate.bleu_score import corpus_bleu
 import eval as evaluate_script
 import make_shapes_dataset
 from conftest import pack_args, packed_captions, write_karpathy
+from datasets import reference_tokens
 from metrics import box_cells, coco_caption_metrics, content_scores, grounding_scores
 
 
@@ -272,3 +273,12 @@ def test_eval_scores_against_every_caption_of_an_image_not_only_those_trained_on
     # Scored against the packed captions alone, the first two captions would find no reference equal to them.
     assert metrics["bleu4"] > corpus_bleu([[r for r in refs if len(r) <= 6][:3] for refs in expected_references],
                                           hypotheses) + 0.1
+
+
+def test_references_from_packed_captions_are_their_words_without_start_end_or_padding():
+    # Validation BLEU scores decoded captions (which hold no special tokens) against these: a <start>
+    # or <end> left in every reference would lower BLEU for every model alike, and no error would say so.
+    word_map = {"<pad>": 0, "a": 1, "red": 2, "circle": 3, "<unk>": 4, "<start>": 5, "<end>": 6}
+    captions = torch.tensor([[5, 1, 2, 3, 6, 0, 0], [5, 4, 3, 6, 0, 0, 0]])  # (C, L), as packed
+    lengths = torch.tensor([5, 4])  # <start> and <end> included, as packed
+    assert reference_tokens(captions, lengths, word_map) == [[1, 2, 3], [4, 3]]
