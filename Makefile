@@ -21,7 +21,7 @@ DEMO_BEAM ?= 3
 
 # Self-critical training after the demo (make demo first): from its best.pt, on a copy of its images
 # packed again with every reference in the metadata (a demo packed before they were kept has none).
-# 16 epochs of 40 steps: what fit in 5 minutes on 2 CPU cores (README: Results).
+# 16 epochs of 40 steps: what fit in 5 minutes on 2 CPU cores (docs/self-critical.md).
 SCST_DIR ?= runs/demo-scst
 SCST_OPTIM ?= --batch-size 16 --steps-per-epoch 40 --epochs 16 --decoder-lr 1e-4 --workers 0
 

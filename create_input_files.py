@@ -230,7 +230,7 @@ def normalised_objects(record, image_path):
 class ImageRunWriter:
     """Appends images to a resizable HDF5 dataset (N, 3, S, S) in runs of `run_length`.
 
-    Each h5py write has a fixed cost, paid per run instead of per image (README: Performance). It is
+    Each h5py write has a fixed cost, paid per run instead of per image (docs/performance.md). It is
     paid holding the GIL, in the thread that hands images to the decoding threads, and on 2 cores
     that time is taken from them.
     """

@@ -106,8 +106,8 @@ class Encoder(nn.Module):
         self.encoder_dim = encoder_dim_for(arch, cut_after)
         self.random_init = not (pretrained or weights_path)
         self.set_fine_tuning(fine_tune)
-        # channels_last: faster convolutions on GPUs and, through oneDNN, on CPUs too (README:
-        # Performance). Moving the module to a device or loading weights keeps the layout.
+        # channels_last: faster convolutions on GPUs and, through oneDNN, on CPUs too (docs/performance.md).
+        # Moving the module to a device or loading weights keeps the layout.
         self.to(memory_format=torch.channels_last)
 
     def set_fine_tuning(self, fine_tune):

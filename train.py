@@ -717,7 +717,7 @@ def launch(run_fn, args):
     keep_freed_memory(device)
     if args.amp != "none" and device.type != "cuda" and rank == 0:
         print(f"note: --amp {args.amp} on {device.type}: torch's CPU autocast runs it; the speed and memory "
-              "gains in README: Performance are CUDA's", file=sys.stderr)
+              "gains in docs/performance.md are CUDA's", file=sys.stderr)
     try:
         return run_fn(args, rank, world_size, device)
     finally:

@@ -85,7 +85,7 @@ def keep_freed_memory(device):
     (at most 32 MiB) back to the system when freed: the next tensor of that size is a fresh mapping
     whose pages fault in, zero-filled, on first touch, and training and decoding allocate such
     tensors at every step. What this gains, and costs in peak RSS (a process keeps what it freed),
-    is measured in README: Performance.
+    is measured in docs/performance.md.
     Returns False, changing nothing, on other devices or where glibc's mallopt is missing (macOS, musl).
     """
     if device.type != "cpu":

@@ -265,7 +265,7 @@ def test_signal_on_one_of_two_nodes_stops_both_and_resumes_on_one_process(tiny_d
 
 
 def test_a_time_limit_sigterm_saves_last_pt_and_torchrun_exits_1(tiny_data, tmp_path):
-    # What README: Training tells a cluster script: the workers save last.pt and say so, but torchrun
+    # What the README's Troubleshooting tells a cluster script: the workers save last.pt and say so, but torchrun
     # answers SIGTERM with its own exit code 1 (and a SignalException traceback), not 143. The signal
     # goes to the whole process group, as a scheduler's time limit does.
     out = tmp_path / "run"
