@@ -29,7 +29,7 @@ def scst_args(trained_run, packed_data, out, *extra):
     """scst.py arguments for a short run on the tiny packed set."""
     return [str(a) for a in ["--checkpoint", trained_run / "best.pt", "--data-folder", packed_data,
                              "--output-dir", out, "--workers", 0, "--batch-size", 8, "--steps-per-epoch", 2,
-                             "--epochs", 1, *extra]]
+                             "--epochs", 1, "--log-images", 0, *extra]]  # figures: tests/test_watching.py
 
 
 def test_mean_baseline_advantages_of_an_image_sum_to_zero():
