@@ -33,8 +33,8 @@ from beam_search import LENGTH_PENALTY_HELP, MAX_STEPS, is_unfinished
 from checkpoints import models_from_checkpoint
 from datasets import SPLITS, decode_tokens, meta_file
 from models import HARD_READS
-from utils import (IMAGE_SUFFIXES, UserError, _to_rgb, keep_freed_memory, list_images, load_image,
-                   normalize_images, read_json, resolve_device, run_main)
+from utils import (IMAGE_SUFFIXES, UserError, keep_freed_memory, list_images, load_image, normalize_images,
+                   read_json, resolve_device, run_main, upright_rgb)
 
 
 FIGURE_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
@@ -129,13 +129,12 @@ def load_photo(path, longest_side=DISPLAY_SIDE):
     any mode made RGB as for the model), resized so that its longest side is `longest_side` pixels."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's chatter about odd EXIF, palettes or huge photos
-        with Image.open(path) as image:
-            if image.format == "JPEG":
-                image.draft("RGB", (longest_side, longest_side))  # a phone photo decodes at 1/2..1/8 scale
-            image = _to_rgb(ImageOps.exif_transpose(image))
-    scale = longest_side / max(image.size)
-    size = tuple(max(1, round(side * scale)) for side in image.size)  # (W, H)
-    return np.asarray(image.resize(size, Image.Resampling.BICUBIC)).transpose(2, 0, 1).copy()  # (3, H, W)
+        with Image.open(path) as image:  # decoded lazily: resized before the file closes
+            upright = upright_rgb(image, longest_side)  # a phone photo decodes at 1/2..1/8 scale
+            scale = longest_side / max(upright.size)
+            size = tuple(max(1, round(side * scale)) for side in upright.size)  # (W, H)
+            pixels = np.asarray(upright.resize(size, Image.Resampling.BICUBIC))  # (H, W, 3)
+    return pixels.transpose(2, 0, 1).copy()  # (3, H, W)
 
 
 def small_image_note(path):

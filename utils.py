@@ -163,7 +163,7 @@ def load_image(path, size):
             warnings.simplefilter("ignore")  # Pillow's chatter about odd EXIF or palettes
             with Image.open(path) as image:  # reads the header only
                 rgb = _decode_plain_jpeg(path, image, size)  # (H, W, 3) uint8, or None
-                upright = Image.fromarray(rgb) if rgb is not None else _decode_with_pillow(image, size)
+                upright = Image.fromarray(rgb) if rgb is not None else upright_rgb(image, size - size // 8)
                 pixels = np.asarray(upright.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
     except Exception as exc:  # Pillow raises many types for broken files: all mean "unreadable"
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
@@ -183,10 +183,11 @@ def _draft_scale(width, height, size):
     return next((s for s in (8, 4, 2) if fits >= s), 1)
 
 
-def _decode_with_pillow(image, size):
-    """An open Pillow image -> RGB Pillow image, upright, JPEGs decoded in draft mode."""
+def upright_rgb(image, draft_side):
+    """An open Pillow image -> RGB Pillow image, upright (EXIF orientation applied); a JPEG is decoded in
+    draft mode at the smallest libjpeg scale that leaves both sides at least `draft_side` pixels.
+    load_image packs through it, caption.py's figure and the page show photos through it."""
     if image.format == "JPEG":
-        draft_side = size - size // 8  # the same scale as _draft_scale
         image.draft("RGB", (draft_side, draft_side))
     if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose would copy every image
         image = ImageOps.exif_transpose(image)
