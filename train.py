@@ -132,6 +132,12 @@ def add_optimisation_flags(opt):
     opt.add_argument("--lr-decay-factor", type=float, default=0.8, help="learning-rate decay (default 0.8)")
     opt.add_argument("--early-stop-patience", type=int, default=20,
                      help="stop after this many epochs without a better validation BLEU-4 (default 20)")
+    opt.add_argument("--precise-bn-batches", type=int, default=0, metavar="N",
+                     help="before each validation, recompute the trained encoder's BatchNorm statistics from N "
+                          "training batches at the current weights (PreciseBN, Wu and Johnson 2021), instead of "
+                          "the moving averages training kept, which lag weights that move fast (a randomly "
+                          "initialised encoder at a high learning rate; docs/demo.md). Checkpoints keep the "
+                          "recomputed statistics. Default 0: off, the paper's setup")
     opt.add_argument("--val-beam-size", type=int, default=1,
                      help="beam size of the decoding that gives validation BLEU-4 (default 1, greedy)")
     opt.add_argument("--val-length-penalty", type=float, default=0.0,
@@ -629,6 +635,34 @@ def validate(encoder, decoder, loader, word_map, device, amp, alpha_c, beam_size
     return metrics, decoded
 
 
+def recompute_batchnorm_statistics(encoder, args, epoch, device):
+    """PreciseBN: set the running mean and variance of the encoder's trained BatchNorm layers to the
+    average statistics of --precise-bn-batches training batches at the current weights.
+
+    Training keeps exponential moving averages (momentum 0.1: mostly the last ten batches), each
+    batch seen at slightly older weights; when the weights move fast those averages no longer fit
+    them, and validation, decoding and checkpoints run on mismatched statistics. The batches are
+    drawn from a generator seeded by seed and epoch, the same on every process, so every process
+    computes the same statistics and a resumed run the same as a straight one.
+    """
+    layers = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    if not layers:  # a frozen encoder keeps its BatchNorm layers in eval mode: nothing trained to fit
+        return
+    images = CaptionDataset(args.data_folder, "train", per_image=True)
+    generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    batch = max(args.batch_size // args.captions_per_image_per_step, 2)  # the images a training step sees
+    picked = torch.randperm(len(images), generator=generator)[: args.precise_bn_batches * batch].tolist()
+    momenta = [m.momentum for m in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # None: a cumulative average over every batch from the reset on
+    with torch.no_grad(), autocast(device, args.amp):
+        for start in range(0, len(picked), batch):
+            encoder(torch.stack([images[i][0] for i in picked[start:start + batch]]).to(device))
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+
+
 # ----------------------------------------------------------------------------------------------
 # The epoch loop
 
@@ -657,6 +691,8 @@ def fit(run, train_set, val_loader, loader_options, stop):
             exit_after_signal(run, stop)
 
         # Validate by decoding, and keep the best epoch.
+        if args.precise_bn_batches:
+            recompute_batchnorm_statistics(unwrap(run.encoder), args, progress.epoch, run.device)
         metrics, _ = validate(run.encoder, run.decoder, val_loader, run.word_map, run.device, args.amp,
                               args.alpha_c, args.val_beam_size, max_steps, run.world_size,
                               show_progress=run.is_main, length_penalty=args.val_length_penalty)
