@@ -41,6 +41,7 @@ from beam_search import LENGTH_PENALTY_HELP
 from checkpoints import build_models, load_checkpoint, load_model_weights, set_rng_state
 from cider import CiderD, split_references
 from datasets import CaptionDataset, decode_tokens, read_word_map
+from losses import caption_loss
 from plot_metrics import write_curves
 from training_log import TrainingLog, gradient_figures
 from utils import UserError, atomic_write, run_main
@@ -68,6 +69,12 @@ def parse_args(argv=None):
     scst.add_argument("--max-sample-length", type=int, default=16,
                       help="most words per sampled caption, <end> included (default 16, as "
                            "ruotianluo/self-critical.pytorch on COCO)")
+    scst.add_argument("--xe-weight", type=float, default=0.0,
+                      help="add this weight times the teacher-forced loss of the image's reference captions "
+                           "(train.py's loss) to the self-critical loss, a mixed objective as Paulus et al. "
+                           "2017's: the model learns to score without unlearning the references, so its "
+                           "validation loss stays put (docs/self-critical.md). Default 0: self-critical loss "
+                           "alone, as Rennie et al.")
     scst.add_argument("--decoder-lr", type=float, default=5e-5,
                       help="Adam learning rate, decoder (default 5e-5, as self-critical.pytorch)")
     scst.add_argument("--encoder-lr", type=float, default=1e-5,
@@ -90,6 +97,8 @@ def parse_args(argv=None):
     for name in ("scst_samples", "max_sample_length", "epochs", "batch_size", "val_beam_size", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.xe_weight < 0:
+        parser.error("--xe-weight must be 0 or more")
     if args.scst_baseline == "mean" and args.scst_samples < 2:
         parser.error("--scst-baseline mean needs --scst-samples 2 or more (the other samples are the baseline)")
     return args
@@ -154,6 +163,16 @@ def scst_loss(log_probs, counted, advantage):
     return -(advantage.unsqueeze(1) * log_probs * counted).sum() / counted.sum().clamp(min=1)
 
 
+def reference_loss(decoder, features, captions, lengths, alpha_c):
+    """train.py's teacher-forced loss on every reference caption of each image: features (B, P, E),
+    captions (B, C, L), lengths (B, C)."""
+    batch, per_image, length = captions.shape
+    flat_captions = captions.view(batch * per_image, length).to(features.device)  # (B*C, L)
+    scores, alphas, decode_lengths = decoder(features.repeat_interleave(per_image, dim=0), flat_captions,
+                                             lengths.view(-1).to(features.device))
+    return caption_loss(scores, flat_captions, decode_lengths, alphas, alpha_c)[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -190,9 +209,9 @@ class ScstRun(train.Run):
         return {v: k for k, v in self.word_map.items()}
 
 
-def scst_step(run, images, indices, step, stop):
+def scst_step(run, images, indices, step, stop, captions=None, lengths=None):
     """One self-critical update on a batch of images (B, 3, S, S) with their indices (B,) in the train
-    split. Returns (mean reward, mean baseline, whether any process was asked to stop, the step's
+    split, and, with --xe-weight, their packed captions (B, C, L) and lengths (B, C). Returns (mean reward, mean baseline, whether any process was asked to stop, the step's
     figures for the curves). Raises train.TrainingDiverged instead of applying an update that is not
     finite."""
     args, decoder, word_map = run.args, run.decoder, run.word_map
@@ -216,6 +235,8 @@ def scst_step(run, images, indices, step, stop):
                                device=run.device)  # (B*S,)
         advantage, baselines = advantages(rewards, baseline_rewards, args.scst_samples, args.scst_baseline)
         loss = scst_loss(log_probs.float(), counted, advantage)
+        if args.xe_weight:
+            loss = loss + args.xe_weight * reference_loss(decoder, features, captions, lengths, args.alpha_c)
     stopped, figures = apply_update(run, loss, step, stop)
     return float(rewards.mean()), float(baselines.mean()), stopped, figures
 
@@ -268,10 +289,10 @@ def train_one_epoch(run, loader, stop, show_progress=True):
     first_step = progress.samples_done // (args.batch_size * run.world_size)
     stopped = False
     step_started = time.perf_counter()
-    for step, (images, _, _, indices) in enumerate(bar, start=first_step):
+    for step, (images, captions, lengths, indices) in enumerate(bar, start=first_step):
         data_seconds = time.perf_counter() - step_started  # waiting for the loader
         images = images.to(run.device, non_blocking=True)
-        reward, baseline, stopped, figures = scst_step(run, images, indices, step, stop)
+        reward, baseline, stopped, figures = scst_step(run, images, indices, step, stop, captions, lengths)
         progress.samples_done += images.shape[0] * run.world_size
         sampled = images.shape[0] * args.scst_samples * run.world_size
         progress.steps_trained += 1

@@ -264,3 +264,42 @@ def test_one_update_on_two_processes_equals_one_process_on_both_batches(one_proc
                                                      "tensorboard"]
     assert len(list((out / "tensorboard").iterdir())) == 1  # rank 0's event file
     assert json.loads((out / "args.json").read_text())["world_size"] == 2
+
+
+def test_the_reference_loss_pairs_each_caption_with_its_own_image(trained_run, packed_data):
+    encoder, decoder, _ = models_from_checkpoint(trained_run / "best.pt", torch.device("cpu"))
+    dataset = CaptionDataset(packed_data, "train", per_image=True)
+    images, captions, lengths, _ = zip(*(dataset[i] for i in (0, 5, 9)))
+    captions, lengths = torch.stack(captions), torch.stack(lengths)  # (3, C, L), (3, C)
+    with torch.no_grad():
+        features = encoder(torch.stack(images))  # (3, P, E)
+        loss = scst.reference_loss(decoder, features, captions, lengths, alpha_c=0.0)
+        # Oracle: each caption alone beside its own image, its words' cross-entropy summed, then the mean
+        # over every word of the batch (train.py's loss: a mean over words, not over captions).
+        total, words = 0.0, 0
+        for image, image_captions, image_lengths in zip(features, captions, lengths):
+            for caption, length in zip(image_captions, image_lengths):
+                scores, _, _ = decoder(image[None], caption[None], length[None])  # (1, T, V)
+                targets = caption[1:int(length)]  # every word after <start>, <end> included
+                total += float(F.cross_entropy(scores[0, :len(targets)], targets, reduction="sum"))
+                words += len(targets)
+    assert float(loss) == pytest.approx(total / words, rel=1e-5)
+
+
+def test_xe_weight_adds_that_weight_of_the_reference_loss_gradient(trained_run, packed_data, tmp_path):
+    grads = {}
+    for weight in (0, 1, 3):
+        record = {}
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            handle = scst_worker.record_first_update(monkeypatch.setattr, record, packed_data)
+            try:
+                scst.main(scst_args(trained_run, packed_data, tmp_path / f"w{weight}", "--batch-size", 4,
+                                    "--steps-per-epoch", 1, "--xe-weight", weight, *SAME_UPDATE))
+            finally:
+                handle.remove()
+        grads[weight] = record["grads"]
+    # The same samples and dropout masks in all three runs: the gradients differ by the weighted term alone.
+    added = [one - none for one, none in zip(grads[1], grads[0])]
+    assert max(float(a.abs().max()) for a in added) > 1e-4
+    for three, none, one in zip(grads[3], grads[0], added):
+        torch.testing.assert_close(three - none, 3 * one, rtol=1e-4, atol=1e-6)
