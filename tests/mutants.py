@@ -52,6 +52,8 @@ CIDER = ("tests/test_cider.py",)
 REFERENCES = ("tests/test_metrics.py", "-k", "every_caption_of_an_image")
 CONTENT = ("tests/test_metrics.py", "-k", "grammar or content")
 SCHEDULE = ("tests/test_robustness.py", "-k", "reshuffles")
+PRECISE_BN = ("tests/test_precise_bn.py",)
+SCST_XE = ("tests/test_scst.py", "-k", "reference_loss or xe_weight")
 HARD = ("tests/test_hard_attention.py", "-k", "not hard_run and not resume")
 # Read back from the figure's and the view's pixels with a one-hot decoder: no training needed.
 SEEN = ("tests/test_what_users_see.py", "-k", "panel or view or busy or hard_model or tutorial or 51")
@@ -306,6 +308,17 @@ MUTATIONS = [
              'and f.name != "epoch_sums"}', RESUME),
     Mutation("bleu: nltk's underflow written as it comes", "metrics.py",
              "(0.0 if score < 1e-50 else score)", "score", ("tests/test_new_user.py", "-k", "bleu")),
+    # ---- the demo's training: BatchNorm statistics recomputed, the mixed self-critical objective
+    Mutation("precise bn: statistics kept as a moving average", "train.py",
+             "layer.momentum = None  # None", "layer.momentum = 0.1  # None", PRECISE_BN),
+    Mutation("precise bn: batches drawn afresh each time, not by seed and epoch", "train.py",
+             "generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)",
+             "generator = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))", PRECISE_BN),
+    Mutation("scst: reference captions tiled, not repeated, beside their images", "scst.py",
+             "scores, alphas, decode_lengths = decoder(features.repeat_interleave(per_image, dim=0), flat_captions,",
+             "scores, alphas, decode_lengths = decoder(features.repeat(per_image, 1, 1), flat_captions,", SCST_XE),
+    Mutation("scst: --xe-weight read but never added", "scst.py",
+             "loss = loss + args.xe_weight * reference_loss(", "loss = loss + 0 * reference_loss(", SCST_XE),
 ]
 
 
