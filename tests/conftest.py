@@ -22,6 +22,21 @@ TINY_MODEL = ["--encoder-arch", "resnet18", "--encoder-cut-after", "layer2", "--
               "--log-images", "0"]  # attention figures cost ~0.5 s each: tests/test_watching.py asks for them
 
 
+# Under pytest-xdist (make test) each process takes whole files as it frees up: the longest start first,
+# so that none of them is left running alone at the end.
+LONGEST_FILES = ("test_quality.py", "test_distributed.py", "test_scst.py", "test_robustness.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: LONGEST_FILES.index(item.path.name) if item.path.name in LONGEST_FILES
+               else len(LONGEST_FILES))  # sort is stable: each file's tests keep their order
+
+
+def cores_per_test_process():
+    """This machine's cores shared among pytest-xdist's processes (one when the suite runs in one)."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "page: serves the web page (needs Gradio): `make test-app` runs these")
 

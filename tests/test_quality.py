@@ -4,7 +4,6 @@ The margins were calibrated on several runs (see the assertion); training this s
 to float rounding, so they sit below the weakest run seen rather than at a typical one.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import eval as evaluate_script
 import make_shapes_dataset
 import train
 import checkpoints
+from conftest import cores_per_test_process
 from datasets import CaptionDataset
 
 SMALL_MODEL = ["--encoder-arch", "resnet18", "--encoder-cut-after", "layer2", "--encoded-size", "8",
@@ -26,9 +26,10 @@ SMALL_MODEL = ["--encoder-arch", "resnet18", "--encoder-cut-after", "layer2", "-
 
 @pytest.fixture
 def all_cores():
-    """This test runs alone in its process: let it use every core (conftest sets one thread)."""
+    """This test runs alone in its process: let it use the cores its process has (conftest sets one
+    thread; under pytest-xdist the cores are shared among its processes)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, os.cpu_count() or 1))
+    torch.set_num_threads(cores_per_test_process())
     yield
     torch.set_num_threads(threads)
 
