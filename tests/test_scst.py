@@ -138,11 +138,11 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(trained_run, packed_data,
     parts = scst_args(trained_run, packed_data, tmp_path / "parts", "--steps-per-epoch", 4, "--epochs", 2)
     step, calls = scst.scst_step, []
 
-    def stopping_step(run, images, indices, number, stop):
+    def stopping_step(run, images, indices, number, stop, *captions):
         calls.append(number)
         if len(calls) == 3:
             stop.signal = signal.SIGTERM
-        return step(run, images, indices, number, stop)
+        return step(run, images, indices, number, stop, *captions)
 
     monkeypatch.setattr(scst, "scst_step", stopping_step)
     with pytest.raises(SystemExit) as exit_info:
