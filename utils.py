@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import signal
+import stat
 import sys
 import tempfile
 import warnings
@@ -154,10 +155,7 @@ def load_image(path, size):
         UserError naming the file when it is missing or cannot be decoded.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such image file")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: empty file (0 bytes), not an image")
+    check_image_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's chatter about odd EXIF or palettes
@@ -170,6 +168,22 @@ def load_image(path, size):
         reason = reason.replace(f" {str(path)!r}", "")  # Pillow repeats the path
         raise UserError(f"{path}: cannot decode image ({reason})") from None
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, S, S)
+
+
+def check_image_file(path):
+    """Refuse a path that is not a file, or an empty one, with a UserError naming it.
+
+    One os.stat, not Path.is_file and Path.stat: packing calls this in every decoding thread, and
+    pathlib's Python layers hold the GIL that the other threads' decoders wait for.
+    """
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL byte in the name, as Path.is_file treats it
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{path}: no such image file")
+    if info.st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes), not an image")
 
 
 def _draft_scale(width, height, size):
