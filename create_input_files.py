@@ -309,6 +309,8 @@ def write_images(records, split_files, args, kept, bad_images):
             bad_images.append({"file": str(record["path"]), "reason": error_reason(error, record["path"])})
             continue
         writers[record["split"]].add(pixels)
+        # Now, while the decoding threads work, rather than after the last image with one core idle.
+        record["meta"] = image_meta(record)
         kept[record["split"]].append(record)
     for writer in writers.values():
         writer.finish()
@@ -359,7 +361,7 @@ def pack(args):
 
     for split in SPLITS:
         partial[split].replace(split_file(out, split))
-        write_json(meta_file(out, split), {"images": [image_meta(r) for r in kept[split]]})
+        write_json(meta_file(out, split), {"images": [r["meta"] for r in kept[split]]})
     write_json(out / WORD_MAP, word_map)
     manifest = {
         "format_version": 1, "dataset": args.dataset, "image_size": args.image_size,
