@@ -149,7 +149,8 @@ def test_image_chunk_writer_stores_every_image_in_order_and_cuts_to_those_writte
 
 def test_image_chunk_writer_refuses_a_dataset_it_would_write_wrongly(tmp_path):
     with h5py.File(tmp_path / "images.h5", "w") as f:
-        for kwargs in ({"chunks": (2, 3, 4, 4)}, {"chunks": (1, 3, 4, 4), "compression": "gzip"}):
+        for kwargs in ({"chunks": (2, 3, 4, 4)}, {"chunks": (1, 3, 4, 4), "compression": "gzip"},
+                       {"chunks": (1, 3, 4, 4), "shuffle": True}):
             dataset = f.create_dataset(f"images{len(f)}", shape=(0, 3, 4, 4), maxshape=(None, 3, 4, 4),
                                        dtype="uint8", **kwargs)
             with pytest.raises(ValueError, match="one image a chunk"):
