@@ -156,13 +156,18 @@ def load_image(path, size):
     """
     path = Path(path)
     check_image_file(path)
+    data = _jpeg_bytes(path) if simplejpeg is not None else b""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's chatter about odd EXIF or palettes
-            with Image.open(path) as image:  # reads the header only
-                rgb = _decode_plain_jpeg(path, image, size)  # (H, W, 3) uint8, or None
-                upright = Image.fromarray(rgb) if rgb is not None else upright_rgb(image, size - size // 8)
-                pixels = np.asarray(upright.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+            rgb = _decode_bare_jpeg(data, size)  # (H, W, 3) uint8, or None
+            if rgb is not None:
+                pixels = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
+            else:
+                with Image.open(path) as image:  # reads the header only
+                    rgb = _decode_plain_jpeg(data, image, size)
+                    upright = Image.fromarray(rgb) if rgb is not None else upright_rgb(image, size - size // 8)
+                    pixels = np.asarray(upright.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
     except Exception as exc:  # Pillow raises many types for broken files: all mean "unreadable"
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         reason = reason.replace(f" {str(path)!r}", "")  # Pillow repeats the path
@@ -212,18 +217,59 @@ def upright_rgb(image, draft_side):
 _NEXT_SMALLER_SCALE = {1: (7, 8), 2: (3, 8), 4: (1, 8), 8: None}
 
 
-def _decode_plain_jpeg(path, image, size):
+def _decode_plain_jpeg(data, image, size):
     """(H, W, 3) uint8 of a plain JPEG (YCbCr or greyscale, upright) decoded by simplejpeg, or None.
 
-    Pillow's draft mode and simplejpeg both run libjpeg-turbo; asked for the same 1/s scale with the
-    same (accurate) DCT and upsampling, they give the same pixels, but simplejpeg skips Pillow's
-    per-image work in Python and its copies. Anything else, and any file libjpeg-turbo warns about,
-    is left to Pillow (None), so that odd files decode, or fail, exactly as they always have.
+    `data` is the file's bytes, `image` the file opened by Pillow. Pillow's draft mode and simplejpeg
+    both run libjpeg-turbo; asked for the same 1/s scale with the same (accurate) DCT and upsampling,
+    they give the same pixels, but simplejpeg skips Pillow's per-image work in Python and its copies.
+    Anything else, and any file libjpeg-turbo warns about, is left to Pillow (None), so that odd
+    files decode, or fail, exactly as they always have.
     """
-    if (simplejpeg is None or image.format != "JPEG" or image.mode not in ("RGB", "L")
+    if (not data or image.format != "JPEG" or image.mode not in ("RGB", "L")
             or image.getexif().get(EXIF_ORIENTATION, 1) != 1):
         return None
-    width, height = image.size
+    return _decode_at_draft_scale(data, *image.size, size)
+
+
+def _jpeg_bytes(path):
+    """The whole file if it starts as a JPEG does (simplejpeg decodes from memory), else b""."""
+    with open(path, "rb") as f:
+        if f.read(3) != b"\xff\xd8\xff":
+            return b""
+        f.seek(0)
+        return f.read()
+
+
+# Markers of what Pillow reads from a JPEG's header beyond its size and colours: EXIF (orientation),
+# XMP (Pillow takes the orientation from it when EXIF has none) and MPF (Pillow opens such a file
+# as MPO, not JPEG, and decodes it whole).
+_HEADER_EXTRAS = (b"Exif\x00\x00", b"http://ns.adobe.com/xap/1.0/", b"MPF\x00")
+
+
+def _decode_bare_jpeg(data, size):
+    """(H, W, 3) uint8 of a YCbCr or greyscale JPEG with no EXIF, XMP or MPF segment, decoded by
+    simplejpeg without Pillow opening the file; None for anything else.
+
+    For such a file Pillow's header parse, in Python and holding the GIL that the other decoding
+    threads wait for, would only confirm what libjpeg-turbo's header gives: a JPEG, RGB or L, upright.
+    The bytes are searched whole, so a marker's bytes anywhere (even inside the image data) send
+    the file to Pillow: a slower path to the same pixels, never a wrong one.
+    """
+    if not data or any(extra in data for extra in _HEADER_EXTRAS):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "Gray"):
+        return None  # RGB-coded, CMYK, YCCK: through Pillow, as before
+    return _decode_at_draft_scale(data, width, height, size)
+
+
+def _decode_at_draft_scale(data, width, height, size):
+    """(H, W, 3) uint8 of a JPEG of width x height decoded by simplejpeg at the scale Pillow's draft
+    mode picks for `size`, or None where simplejpeg would not give draft mode's pixels."""
     s = _draft_scale(width, height, size)
     out_width, out_height = -(-width // s), -(-height // s)  # ceil, as libjpeg scales
     smaller = _NEXT_SMALLER_SCALE[s]
@@ -231,7 +277,7 @@ def _decode_plain_jpeg(path, image, size):
                     and -(-height * smaller[0] // smaller[1]) >= out_height):
         return None  # a few pixels a side: simplejpeg would pick the smaller scale, with other pixels
     try:
-        rgb = simplejpeg.decode_jpeg(path.read_bytes(), "RGB", min_height=out_height, min_width=out_width)
+        rgb = simplejpeg.decode_jpeg(data, "RGB", min_height=out_height, min_width=out_width)
     except ValueError:
         return None
     return rgb if rgb.shape[:2] == (out_height, out_width) else None
