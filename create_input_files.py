@@ -175,25 +175,37 @@ def _load_or_error(index, path, size):
         return index, None, str(exc)
 
 
-def decode_images(records, size, workers):
+def _load_batch(first, paths, size):
+    """_load_or_error for consecutive images, the first numbered `first`: one task for a decoding thread."""
+    return [_load_or_error(first + k, path, size) for k, path in enumerate(paths)]
+
+
+# Images a decoding thread takes at a time. Each task costs the thread that hands them out a
+# submit and a result, holding the GIL the decoding threads also need (docs/packing-speed.md).
+DECODE_BATCH = 8
+
+
+def decode_images(records, size, workers, batch=DECODE_BATCH):
     """Yield (index, pixels or None, error or None) in input order, decoding in `workers` threads.
 
     Threads, not processes: libjpeg-turbo (simplejpeg), Pillow's decoders and its resize release
     the GIL, so the threads decode on every core, and the pixels need no copying between processes
     (side by side on 2 cores, 2 threads packed 10% more images/s than 2 processes sharing memory).
-    At most 4 images per thread are in flight, so memory stays flat however many images there are.
+    Each thread takes `batch` images at a time, and at most two batches per thread are in flight,
+    so memory stays flat however many images there are.
     """
     if workers == 0:
         yield from (_load_or_error(i, r["path"], size) for i, r in enumerate(records))
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
         in_flight = deque()
-        for i, record in enumerate(records):
-            in_flight.append(pool.submit(_load_or_error, i, record["path"], size))
-            if len(in_flight) >= 4 * workers:
-                yield in_flight.popleft().result()
+        for first in range(0, len(records), batch):
+            paths = [r["path"] for r in records[first:first + batch]]
+            in_flight.append(pool.submit(_load_batch, first, paths, size))
+            if len(in_flight) >= 2 * workers:
+                yield from in_flight.popleft().result()
         while in_flight:
-            yield in_flight.popleft().result()
+            yield from in_flight.popleft().result()
 
 
 def encode_caption(tokens, word_map, max_len):
@@ -227,31 +239,31 @@ def normalised_objects(record, image_path):
                            o["bbox"][2] / width, o["bbox"][3] / height]} for o in record["objects"]]
 
 
-class ImageRunWriter:
-    """Appends images to a resizable HDF5 dataset (N, 3, S, S) in runs of `run_length`.
+class ImageChunkWriter:
+    """Appends images to an HDF5 dataset (N, 3, S, S) stored one image a chunk, each as its chunk's
+    bytes (h5py's write_direct_chunk).
 
-    Each h5py write has a fixed cost, paid per run instead of per image (docs/performance.md). It is
-    paid holding the GIL, in the thread that hands images to the decoding threads, and on 2 cores
-    that time is taken from them.
+    A direct chunk write skips the chunk cache and HDF5's copy of the image into it, and the
+    dataset is sized once, for every image that may come, instead of grown as they do; finish()
+    cuts it to the images written. The chunks are those an ordinary write would store; what it
+    saves is measured in docs/packing-speed.md.
     """
 
-    def __init__(self, dataset, run_length=64):
-        self.dataset, self.run_length, self.pending = dataset, run_length, []
+    def __init__(self, dataset, capacity):
+        unfiltered = dataset.id.get_create_plist().get_nfilters() == 0  # chunks stored as given
+        if dataset.chunks != (1, *dataset.shape[1:]) or not unfiltered or dataset.dtype != np.uint8:
+            raise ValueError("ImageChunkWriter needs a uint8 dataset, unfiltered, one image a chunk")
+        self.dataset, self.count = dataset, 0
+        dataset.resize(capacity, axis=0)
 
     def add(self, pixels):
-        """pixels: (3, S, S) uint8, written by this call or a later one (flush writes the rest)."""
-        self.pending.append(pixels)
-        if len(self.pending) == self.run_length:
-            self.flush()
+        """pixels: (3, S, S) uint8, stored as image number `count`."""
+        self.dataset.id.write_direct_chunk((self.count, 0, 0, 0), np.ascontiguousarray(pixels, dtype=np.uint8))
+        self.count += 1
 
-    def flush(self):
-        """Write the images held, if any: at the end of a run, and once after the last image."""
-        if not self.pending:
-            return
-        start = self.dataset.shape[0]
-        self.dataset.resize(start + len(self.pending), axis=0)
-        self.dataset[start:] = np.stack(self.pending)  # (n, 3, S, S)
-        self.pending = []
+    def finish(self):
+        """Cut the dataset to the images written (fewer than its capacity when some were skipped)."""
+        self.dataset.resize(self.count, axis=0)
 
 
 def tokenize_records(records, max_len, dropped):
@@ -286,7 +298,8 @@ def error_reason(error, path):
 def write_images(records, split_files, args, kept, bad_images):
     """Decode every record's image into its split's file; append the records written to kept[split]
     and the paths of images that could not be read to `bad_images` (with --skip-bad-images)."""
-    writers = {split: ImageRunWriter(split_files[split]["images"]) for split in SPLITS}
+    capacity = Counter(record["split"] for record in records)
+    writers = {split: ImageChunkWriter(split_files[split]["images"], capacity[split]) for split in SPLITS}
     progress = tqdm(decode_images(records, args.image_size, args.workers), total=len(records),
                     desc="packing images", unit="img", file=sys.stderr)
     for index, pixels, error in progress:
@@ -297,9 +310,11 @@ def write_images(records, split_files, args, kept, bad_images):
             bad_images.append({"file": str(record["path"]), "reason": error_reason(error, record["path"])})
             continue
         writers[record["split"]].add(pixels)
+        # Now, while the decoding threads work, rather than after the last image with one core idle.
+        record["meta"] = image_meta(record)
         kept[record["split"]].append(record)
     for writer in writers.values():
-        writer.flush()
+        writer.finish()
 
 
 def pack(args):
@@ -347,7 +362,7 @@ def pack(args):
 
     for split in SPLITS:
         partial[split].replace(split_file(out, split))
-        write_json(meta_file(out, split), {"images": [image_meta(r) for r in kept[split]]})
+        write_json(meta_file(out, split), {"images": [r["meta"] for r in kept[split]]})
     write_json(out / WORD_MAP, word_map)
     manifest = {
         "format_version": 1, "dataset": args.dataset, "image_size": args.image_size,

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import signal
+import stat
 import sys
 import tempfile
 import warnings
@@ -154,22 +155,40 @@ def load_image(path, size):
         UserError naming the file when it is missing or cannot be decoded.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such image file")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: empty file (0 bytes), not an image")
+    check_image_file(path)
+    data = _jpeg_bytes(path) if simplejpeg is not None else b""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's chatter about odd EXIF or palettes
-            with Image.open(path) as image:  # reads the header only
-                rgb = _decode_plain_jpeg(path, image, size)  # (H, W, 3) uint8, or None
-                upright = Image.fromarray(rgb) if rgb is not None else upright_rgb(image, size - size // 8)
-                pixels = np.asarray(upright.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+            rgb = _decode_bare_jpeg(data, size)  # (H, W, 3) uint8, or None
+            if rgb is not None:
+                pixels = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
+            else:
+                with Image.open(path) as image:  # reads the header only
+                    rgb = _decode_plain_jpeg(data, image, size)
+                    upright = Image.fromarray(rgb) if rgb is not None else upright_rgb(image, size - size // 8)
+                    pixels = np.asarray(upright.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
     except Exception as exc:  # Pillow raises many types for broken files: all mean "unreadable"
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         reason = reason.replace(f" {str(path)!r}", "")  # Pillow repeats the path
         raise UserError(f"{path}: cannot decode image ({reason})") from None
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, S, S)
+
+
+def check_image_file(path):
+    """Refuse a path that is not a file, or an empty one, with a UserError naming it.
+
+    One os.stat, not Path.is_file and Path.stat: packing calls this in every decoding thread, and
+    pathlib's Python layers hold the GIL that the other threads' decoders wait for.
+    """
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL byte in the name, as Path.is_file treats it
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{path}: no such image file")
+    if info.st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes), not an image")
 
 
 def _draft_scale(width, height, size):
@@ -198,18 +217,77 @@ def upright_rgb(image, draft_side):
 _NEXT_SMALLER_SCALE = {1: (7, 8), 2: (3, 8), 4: (1, 8), 8: None}
 
 
-def _decode_plain_jpeg(path, image, size):
+def _decode_plain_jpeg(data, image, size):
     """(H, W, 3) uint8 of a plain JPEG (YCbCr or greyscale, upright) decoded by simplejpeg, or None.
 
-    Pillow's draft mode and simplejpeg both run libjpeg-turbo; asked for the same 1/s scale with the
-    same (accurate) DCT and upsampling, they give the same pixels, but simplejpeg skips Pillow's
-    per-image work in Python and its copies. Anything else, and any file libjpeg-turbo warns about,
-    is left to Pillow (None), so that odd files decode, or fail, exactly as they always have.
+    `data` is the file's bytes, `image` the file opened by Pillow. Pillow's draft mode and simplejpeg
+    both run libjpeg-turbo; asked for the same 1/s scale with the same (accurate) DCT and upsampling,
+    they give the same pixels, but simplejpeg skips Pillow's per-image work in Python and its copies.
+    Anything else, and any file libjpeg-turbo warns about, is left to Pillow (None), so that odd
+    files decode, or fail, exactly as they always have.
     """
-    if (simplejpeg is None or image.format != "JPEG" or image.mode not in ("RGB", "L")
+    if (not data or image.format != "JPEG" or image.mode not in ("RGB", "L")
             or image.getexif().get(EXIF_ORIENTATION, 1) != 1):
         return None
-    width, height = image.size
+    return _decode_at_draft_scale(data, *image.size, size)
+
+
+def _jpeg_bytes(path):
+    """The whole file if it starts as a JPEG does (simplejpeg decodes from memory), else b""."""
+    with open(path, "rb") as f:
+        if f.read(3) != b"\xff\xd8\xff":
+            return b""
+        f.seek(0)
+        return f.read()
+
+
+def _header_needs_pillow(data):
+    """Whether a JPEG's header, the marker segments before its image data, holds what only Pillow
+    acts on: an APP1 segment (EXIF or XMP, where Pillow finds the orientation) or an APP2 MPF
+    segment (Pillow opens such a file as MPO, not JPEG, and decodes it whole). A header this walk
+    cannot follow also goes to Pillow, which then decodes or refuses the file as it always has."""
+    i = 2  # after the start-of-image marker
+    while i + 4 <= len(data):
+        marker = data[i + 1]
+        if data[i] != 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD9:
+            return True  # not a marker with a length where the header needs one
+        if marker == 0xFF:  # a fill byte before the marker
+            i += 1
+            continue
+        if marker == 0xDA:  # start of scan: the header is over
+            return False
+        if marker == 0xE1 or (marker == 0xE2 and data[i + 4:i + 8] == b"MPF\x00"):
+            return True
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2:
+            return True
+        i += 2 + length
+    return True
+
+
+def _decode_bare_jpeg(data, size):
+    """(H, W, 3) uint8 of a YCbCr or greyscale JPEG with no EXIF, XMP or MPF segment, decoded by
+    simplejpeg without Pillow opening the file; None for anything else.
+
+    For such a file Pillow's header parse, in Python and holding the GIL that the other decoding
+    threads wait for, would only confirm what libjpeg-turbo's header gives: a JPEG, RGB or L, upright.
+    The marker walk reads a few bytes a segment (searching all of a file's bytes for the markers
+    cost more than Pillow's parse).
+    """
+    if not data or _header_needs_pillow(data):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "Gray"):
+        return None  # RGB-coded, CMYK, YCCK: through Pillow, as before
+    return _decode_at_draft_scale(data, width, height, size)
+
+
+def _decode_at_draft_scale(data, width, height, size):
+    """(H, W, 3) uint8 of a JPEG of width x height decoded by simplejpeg at the scale Pillow's draft
+    mode picks for `size`, or None where simplejpeg would not give draft mode's pixels."""
     s = _draft_scale(width, height, size)
     out_width, out_height = -(-width // s), -(-height // s)  # ceil, as libjpeg scales
     smaller = _NEXT_SMALLER_SCALE[s]
@@ -217,7 +295,7 @@ def _decode_plain_jpeg(path, image, size):
                     and -(-height * smaller[0] // smaller[1]) >= out_height):
         return None  # a few pixels a side: simplejpeg would pick the smaller scale, with other pixels
     try:
-        rgb = simplejpeg.decode_jpeg(path.read_bytes(), "RGB", min_height=out_height, min_width=out_width)
+        rgb = simplejpeg.decode_jpeg(data, "RGB", min_height=out_height, min_width=out_width)
     except ValueError:
         return None
     return rgb if rgb.shape[:2] == (out_height, out_width) else None

@@ -1,5 +1,6 @@
 """load_image's simplejpeg path gives exactly the pixels of Pillow's draft mode, and leaves to Pillow
-every file it should not take; create_input_files.py packs without importing torch."""
+every file it should not take (a plain JPEG without EXIF, XMP or MPF is not even opened by Pillow);
+create_input_files.py packs without importing torch."""
 import io
 import json
 import subprocess
@@ -123,6 +124,41 @@ def test_exif_orientation_1_takes_the_fast_path(tmp_path, monkeypatch, decode_ca
     path = save(tmp_path / "upright.jpg", noisy(50, 70, seed=6), exif=exif.tobytes())
     assert np.array_equal(load_image(path, 16), pillow_only(path, 16, monkeypatch))
     assert decode_calls
+
+
+def test_plain_jpeg_without_exif_is_decoded_without_pillow_opening_it(tmp_path, monkeypatch, decode_calls):
+    path = save(tmp_path / "photo.jpg", noisy(120, 160, seed=8), quality=90)
+    expected = pillow_only(path, 16, monkeypatch)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Image.open called")
+
+    monkeypatch.setattr(utils.Image, "open", refuse)
+    assert np.array_equal(load_image(path, 16), expected)
+    assert decode_calls == [path.stat().st_size]
+
+
+XMP_ROTATED = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+               b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+
+
+def test_jpeg_with_xmp_orientation_goes_through_pillow_and_is_rotated(tmp_path, monkeypatch, decode_calls):
+    pixels = np.full((60, 80, 3), 230, dtype=np.uint8)
+    pixels[:, :40] = 20
+    path = save(tmp_path / "rotated.jpg", pixels, xmp=XMP_ROTATED, quality=95)
+    upright = load_image(path, 16)
+    assert upright[:, :6].mean() < 60 and upright[:, 10:].mean() > 190  # Pillow read the XMP: dark on top
+    assert np.array_equal(upright, pillow_only(path, 16, monkeypatch))
+    assert decode_calls == []
+
+
+def test_mpo_goes_through_pillow_as_before(tmp_path, monkeypatch, decode_calls):
+    frame = Image.fromarray(noisy(120, 160, seed=9))
+    path = tmp_path / "stereo.jpg"
+    frame.save(path, format="MPO", save_all=True, append_images=[frame])
+    assert Image.open(path).format == "MPO"  # not JPEG to Pillow, so never drafted
+    assert np.array_equal(load_image(path, 16), pillow_only(path, 16, monkeypatch))
+    assert decode_calls == []
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.02])

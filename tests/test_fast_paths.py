@@ -1,11 +1,12 @@
 """The fast paths compute what the plain ones do: the decoder (sorted by length, the attention
 projection once per batch, the output layer once after the loop) against the tutorial's per-step
 formulation, bench.py's step-loop baseline against the real decoder, packing through shared memory
-against packing in one process, and images written to HDF5 in runs against the images."""
+against packing in one process, and images written to HDF5 as whole chunks against the images."""
 import threading
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -115,27 +116,42 @@ def test_decode_images_in_threads_equals_one_thread_in_input_order(tmp_path):
     records.insert(9, {"path": tmp_path / "missing.jpg"})
 
     in_process = list(create_input_files.decode_images(records, 16, workers=0))
-    threads = list(create_input_files.decode_images(records, 16, workers=2))  # more images than in flight
+    threads = list(create_input_files.decode_images(records, 16, workers=2, batch=3))  # more than in flight
     assert [r[0] for r in threads] == list(range(len(records)))
     for (i, pixels, error), (_, ref_pixels, ref_error) in zip(threads, in_process):
         assert error == ref_error
         assert (pixels is None and ref_pixels is None) or np.array_equal(pixels, ref_pixels), i
     assert "missing.jpg: no such image file" in threads[9][2]
 
-    stopped = create_input_files.decode_images(records, 16, workers=2)
+    stopped = create_input_files.decode_images(records, 16, workers=2, batch=3)
     next(stopped), next(stopped)
     stopped.close()  # as when packing stops at a bad image
     assert not [t for t in threading.enumerate() if t.name.startswith("decode")]  # no thread left running
 
 
-def test_image_run_writer_appends_every_image_in_order(tmp_path):
+def test_image_chunk_writer_stores_every_image_in_order_and_cuts_to_those_written(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (7, 3, 4, 4), dtype=np.uint8)
     with h5py.File(tmp_path / "images.h5", "w") as f:
-        dataset = f.create_dataset("images", shape=(0, 3, 4, 4), maxshape=(None, 3, 4, 4), dtype="uint8")
-        writer = create_input_files.ImageRunWriter(dataset, run_length=3)
-        for i, pixels in enumerate(images):
+        dataset = f.create_dataset("images", shape=(0, 3, 4, 4), maxshape=(None, 3, 4, 4), dtype="uint8",
+                                   chunks=(1, 3, 4, 4))
+        writer = create_input_files.ImageChunkWriter(dataset, capacity=9)  # 2 images will be skipped
+        assert dataset.shape[0] == 9
+        for pixels in images:
             writer.add(pixels)
-            assert dataset.shape[0] == (i + 1) // 3 * 3  # written a whole run at a time
-        writer.flush()  # the last, part-full run
-        writer.flush()  # nothing left: writes nothing
+        writer.finish()
+        assert dataset.shape[0] == 7
         assert np.array_equal(dataset[:], images)
+        # The same chunks as an ordinary write: a dataset written with h5py's usual assignment matches.
+        ordinary = f.create_dataset("ordinary", data=images, chunks=(1, 3, 4, 4))
+        assert [dataset.id.read_direct_chunk((i, 0, 0, 0)) for i in range(7)] == \
+            [ordinary.id.read_direct_chunk((i, 0, 0, 0)) for i in range(7)]
+
+
+def test_image_chunk_writer_refuses_a_dataset_it_would_write_wrongly(tmp_path):
+    with h5py.File(tmp_path / "images.h5", "w") as f:
+        for kwargs in ({"chunks": (2, 3, 4, 4)}, {"chunks": (1, 3, 4, 4), "compression": "gzip"},
+                       {"chunks": (1, 3, 4, 4), "shuffle": True}):
+            dataset = f.create_dataset(f"images{len(f)}", shape=(0, 3, 4, 4), maxshape=(None, 3, 4, 4),
+                                       dtype="uint8", **kwargs)
+            with pytest.raises(ValueError, match="one image a chunk"):
+                create_input_files.ImageChunkWriter(dataset, capacity=1)
