@@ -72,8 +72,8 @@ def parse_args(argv=None):
     scst.add_argument("--xe-weight", type=float, default=0.0,
                       help="add this weight times the teacher-forced loss of the image's reference captions "
                            "(train.py's loss) to the self-critical loss, a mixed objective as Paulus et al. "
-                           "2017's: the model learns to score without unlearning the references, so its "
-                           "validation loss stays put (docs/self-critical.md). Default 0: self-critical loss "
+                           "2017's: the model learns to score while still fitting the references, so its "
+                           "validation loss rises less (docs/self-critical.md). Default 0: self-critical loss "
                            "alone, as Rennie et al.")
     scst.add_argument("--decoder-lr", type=float, default=5e-5,
                       help="Adam learning rate, decoder (default 5e-5, as self-critical.pytorch)")
@@ -211,8 +211,9 @@ class ScstRun(train.Run):
 
 def scst_step(run, images, indices, step, stop, captions=None, lengths=None):
     """One self-critical update on a batch of images (B, 3, S, S) with their indices (B,) in the train
-    split, and, with --xe-weight, their packed captions (B, C, L) and lengths (B, C). Returns (mean reward, mean baseline, whether any process was asked to stop, the step's
-    figures for the curves). Raises train.TrainingDiverged instead of applying an update that is not
+    split, and, with --xe-weight, their packed captions (B, C, L) and lengths (B, C). Returns (mean
+    reward, mean baseline, whether any process was asked to stop, the step's figures for the curves).
+    Raises train.TrainingDiverged instead of applying an update that is not
     finite."""
     args, decoder, word_map = run.args, run.decoder, run.word_map
     start, end, rev_word_map = word_map["<start>"], word_map["<end>"], run.rev_word_map
