@@ -165,12 +165,11 @@ def scst_loss(log_probs, counted, advantage):
 
 def reference_loss(decoder, features, captions, lengths, alpha_c):
     """train.py's teacher-forced loss on every reference caption of each image: features (B, P, E),
-    captions (B, C, L), lengths (B, C)."""
-    batch, per_image, length = captions.shape
-    flat_captions = captions.view(batch * per_image, length).to(features.device)  # (B*C, L)
-    scores, alphas, decode_lengths = decoder(features.repeat_interleave(per_image, dim=0), flat_captions,
-                                             lengths.view(-1).to(features.device))
-    return caption_loss(scores, flat_captions, decode_lengths, alphas, alpha_c)[0]
+    captions (B, C, L), lengths (B, C). The C captions of an image share its features, as in
+    train.py's steps grouped by image."""
+    rows, row_lengths, per_image = train.caption_rows(captions.to(features.device), lengths.to(features.device))
+    scores, alphas, decode_lengths = decoder(features, rows, row_lengths, captions_per_image=per_image)
+    return caption_loss(scores, rows, decode_lengths, alphas, alpha_c)[0]
 
 
 # ----------------------------------------------------------------------------------------------

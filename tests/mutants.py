@@ -314,9 +314,10 @@ MUTATIONS = [
     Mutation("precise bn: batches drawn afresh each time, not by seed and epoch", "train.py",
              "generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)",
              "generator = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))", PRECISE_BN),
-    Mutation("scst: reference captions tiled, not repeated, beside their images", "scst.py",
-             "scores, alphas, decode_lengths = decoder(features.repeat_interleave(per_image, dim=0), flat_captions,",
-             "scores, alphas, decode_lengths = decoder(features.repeat(per_image, 1, 1), flat_captions,", SCST_XE),
+    Mutation("scst: reference captions flattened caption by caption, not image by image", "scst.py",
+             "train.caption_rows(captions.to(features.device), lengths.to(features.device))",
+             "train.caption_rows(captions.transpose(0, 1).reshape(captions.shape).to(features.device), "
+             "lengths.transpose(0, 1).reshape(lengths.shape).to(features.device))", SCST_XE),
     Mutation("scst: --xe-weight read but never added", "scst.py",
              "loss = loss + args.xe_weight * reference_loss(", "loss = loss + 0 * reference_loss(", SCST_XE),
 ]
