@@ -70,11 +70,11 @@ def parse_args(argv=None):
                       help="most words per sampled caption, <end> included (default 16, as "
                            "ruotianluo/self-critical.pytorch on COCO)")
     scst.add_argument("--xe-weight", type=float, default=0.0,
-                      help="add this weight times the teacher-forced loss of the image's reference captions "
-                           "(train.py's loss) to the self-critical loss, a mixed objective as Paulus et al. "
-                           "2017's: the model learns to score while still fitting the references, so its "
-                           "validation loss rises less (docs/self-critical.md). Default 0: self-critical loss "
-                           "alone, as Rennie et al.")
+                      help="add this weight times the teacher-forced loss of one reference caption per image "
+                           "(train.py's loss; each image's packed captions in turn, step by step) to the "
+                           "self-critical loss, a mixed objective as Paulus et al. 2017's: the model learns to "
+                           "score while still fitting the references, so its validation loss rises less "
+                           "(docs/self-critical.md). Default 0: self-critical loss alone, as Rennie et al.")
     scst.add_argument("--decoder-lr", type=float, default=5e-5,
                       help="Adam learning rate, decoder (default 5e-5, as self-critical.pytorch)")
     scst.add_argument("--encoder-lr", type=float, default=1e-5,
@@ -163,10 +163,20 @@ def scst_loss(log_probs, counted, advantage):
     return -(advantage.unsqueeze(1) * log_probs * counted).sum() / counted.sum().clamp(min=1)
 
 
+def reference_in_turn(captions, lengths, turn):
+    """Reference number `turn` mod C of each image: captions (B, C, L) and lengths (B, C) -> (B, L), (B,).
+
+    One caption per image per step, as train.py trains, costs a fifth of all five; taking them in turn
+    draws no random numbers, so the captions sampled are those of the same run without --xe-weight.
+    """
+    column = turn % captions.shape[1]
+    return captions[:, column], lengths[:, column]
+
+
 def reference_loss(decoder, features, captions, lengths, alpha_c):
-    """train.py's teacher-forced loss on every reference caption of each image: features (B, P, E),
-    captions (B, C, L), lengths (B, C). The C captions of an image share its features, as in
-    train.py's steps grouped by image."""
+    """train.py's teacher-forced loss on reference captions: features (B, P, E), captions (B, C, L) and
+    lengths (B, C), or one per image, (B, L) and (B,). The C captions of an image share its features, as
+    in train.py's steps grouped by image."""
     rows, row_lengths, per_image = train.caption_rows(captions.to(features.device), lengths.to(features.device))
     scores, alphas, decode_lengths = decoder(features, rows, row_lengths, captions_per_image=per_image)
     return caption_loss(scores, rows, decode_lengths, alphas, alpha_c)[0]
@@ -236,7 +246,8 @@ def scst_step(run, images, indices, step, stop, captions=None, lengths=None):
         advantage, baselines = advantages(rewards, baseline_rewards, args.scst_samples, args.scst_baseline)
         loss = scst_loss(log_probs.float(), counted, advantage)
         if args.xe_weight:
-            loss = loss + args.xe_weight * reference_loss(decoder, features, captions, lengths, args.alpha_c)
+            references_now = reference_in_turn(captions, lengths, run.progress.steps_trained)  # (B, L), (B,)
+            loss = loss + args.xe_weight * reference_loss(decoder, features, *references_now, args.alpha_c)
     stopped, figures = apply_update(run, loss, step, stop)
     return float(rewards.mean()), float(baselines.mean()), stopped, figures
 

@@ -320,6 +320,11 @@ MUTATIONS = [
              "lengths.transpose(0, 1).reshape(lengths.shape).to(features.device))", SCST_XE),
     Mutation("scst: --xe-weight read but never added", "scst.py",
              "loss = loss + args.xe_weight * reference_loss(", "loss = loss + 0 * reference_loss(", SCST_XE),
+    Mutation("scst: --xe-weight fits each image's first reference at every step", "scst.py",
+             "column = turn % captions.shape[1]", "column = 0", SCST_XE),
+    Mutation("scst: --xe-weight's references taken in turn by the step within the epoch", "scst.py",
+             "reference_in_turn(captions, lengths, run.progress.steps_trained)",
+             "reference_in_turn(captions, lengths, step)", SCST_XE),
 ]
 
 

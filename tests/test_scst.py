@@ -286,6 +286,32 @@ def test_the_reference_loss_pairs_each_caption_with_its_own_image(trained_run, p
     assert float(loss) == pytest.approx(total / words, rel=1e-5)
 
 
+def test_xe_weight_fits_each_images_references_in_turn(trained_run, packed_data, tmp_path, monkeypatch):
+    seen = []  # per step: the batch's image indices, then the captions the reference loss was given
+    original_step, original_loss = scst.scst_step, scst.reference_loss
+
+    def recording_step(run, images, indices, *rest):
+        seen.append([indices.clone()])
+        return original_step(run, images, indices, *rest)
+
+    def recording_loss(decoder, features, captions, lengths, alpha_c):
+        seen[-1] += [captions.clone(), lengths.clone()]
+        return original_loss(decoder, features, captions, lengths, alpha_c)
+
+    monkeypatch.setattr(scst, "scst_step", recording_step)
+    monkeypatch.setattr(scst, "reference_loss", recording_loss)
+    scst.main(scst_args(trained_run, packed_data, tmp_path / "run", "--batch-size", 4, "--steps-per-epoch", 3,
+                        "--epochs", 2, "--xe-weight", 0.5, *SAME_UPDATE))
+    dataset = CaptionDataset(packed_data, "train", per_image=True)
+    per_image = dataset[0][1].shape[0]  # C
+    assert len(seen) == 6 and per_image > 1
+    for step, (indices, captions, lengths) in enumerate(seen):  # steps counted over both epochs
+        expected = [dataset[i] for i in indices.tolist()]
+        assert captions.shape == (len(indices), expected[0][1].shape[1])  # one caption per image: (B, L)
+        assert torch.equal(captions, torch.stack([e[1][step % per_image] for e in expected]))
+        assert torch.equal(lengths, torch.stack([e[2][step % per_image] for e in expected]))
+
+
 def test_xe_weight_adds_that_weight_of_the_reference_loss_gradient(trained_run, packed_data, tmp_path):
     grads = {}
     for weight in (0, 1, 3):
