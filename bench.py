@@ -312,7 +312,7 @@ def section_packing(spec):
 
     def fresh_output_folder(run_name):
         """An empty folder for a run's output, made before its timer starts: deleting the last run's
-        400 MB is no part of packing."""
+        output is no part of packing."""
         folder = tmp / run_name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

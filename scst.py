@@ -166,8 +166,9 @@ def scst_loss(log_probs, counted, advantage):
 def reference_in_turn(captions, lengths, turn):
     """Reference number `turn` mod C of each image: captions (B, C, L) and lengths (B, C) -> (B, L), (B,).
 
-    One caption per image per step, as train.py trains, costs a fifth of all five; taking them in turn
-    draws no random numbers, so the captions sampled are those of the same run without --xe-weight.
+    One caption per image per step, as train.py trains, instead of all C (its time: docs/self-critical.md);
+    taking them in turn draws no random numbers, so the captions sampled are those of the same run
+    without --xe-weight.
     """
     column = turn % captions.shape[1]
     return captions[:, column], lengths[:, column]
