@@ -162,17 +162,22 @@ def load_image(path, size):
             warnings.simplefilter("ignore")  # Pillow's chatter about odd EXIF or palettes
             rgb = _decode_bare_jpeg(data, size)  # (H, W, 3) uint8, or None
             if rgb is not None:
-                pixels = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
+                pixels = _squared(Image.fromarray(rgb), size)
             else:
                 with Image.open(path) as image:  # reads the header only
                     rgb = _decode_plain_jpeg(data, image, size)
                     upright = Image.fromarray(rgb) if rgb is not None else upright_rgb(image, size - size // 8)
-                    pixels = np.asarray(upright.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+                    pixels = _squared(upright, size)  # inside the with: Pillow may read the file only now
     except Exception as exc:  # Pillow raises many types for broken files: all mean "unreadable"
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         reason = reason.replace(f" {str(path)!r}", "")  # Pillow repeats the path
         raise UserError(f"{path}: cannot decode image ({reason})") from None
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, S, S)
+
+
+def _squared(image, size):
+    """The packing resize rule, in one place: an RGB Pillow image -> (size, size, 3) uint8, bicubic."""
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
 def check_image_file(path):
