@@ -313,10 +313,10 @@ def section_packing(spec):
     def fresh_output_folder(run_name):
         """An empty folder for a run's output, made before its timer starts: deleting the last run's
         output is no part of packing."""
-        folder = tmp / run_name
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        return str(folder)
+        path = tmp / run_name  # not `folder`, the images' folder above
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return str(path)
 
     tutorial_args = ["--karpathy-json", captions, "--image-folder", str(folder), "--min-word-freq", "5"]
     ours_args = ["--karpathy-json", captions, "--image-folder", str(folder), "--image-size", str(PACK_SIZE)]

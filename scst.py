@@ -223,8 +223,7 @@ def scst_step(run, images, indices, step, stop, captions=None, lengths=None):
     """One self-critical update on a batch of images (B, 3, S, S) with their indices (B,) in the train
     split, and, with --xe-weight, their packed captions (B, C, L) and lengths (B, C). Returns (mean
     reward, mean baseline, whether any process was asked to stop, the step's figures for the curves).
-    Raises train.TrainingDiverged instead of applying an update that is not
-    finite."""
+    Raises train.TrainingDiverged instead of applying an update that is not finite."""
     args, decoder, word_map = run.args, run.decoder, run.word_map
     start, end, rev_word_map = word_map["<start>"], word_map["<end>"], run.rev_word_map
     references = [run.references[i] for i in indices.tolist()]
