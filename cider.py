@@ -6,6 +6,7 @@ subprocess.
     scorer = CiderD.from_references(train_references)       # document frequencies, once
     scorer.score(["a", "red", "circle"], [["a", "red", "circle"], ["a", "circle"]])   # one caption
     scorer.corpus_score(hypotheses, references)              # the mean over images
+    scorer.score(words, references, closest=True)            # against the best-matched reference only
 
     python cider.py --data-folder data/shapes_packed         # its speed: captions scored per second
 
@@ -20,6 +21,11 @@ over the references s of
 with w(g) = count of the n-gram g * (log(N) - log(max(1, df(g)))), N the number of images the
 document frequencies df were counted on, l a caption's number of words and sigma 6. (pycocoevalcap
 counts bigrams as the length, words less one on both sides: the same difference.)
+
+With closest=True the mean over the references s becomes the largest of their terms: the caption is
+scored against the one reference it matches best. CIDEr-D's mean pays most for the phrasing most
+references share; the closest reference pays every phrasing a reference uses in full, which a
+self-critical reward can use so as not to push the model onto one phrasing (scst.py --reward-against).
 """
 
 import argparse
@@ -94,10 +100,11 @@ class CiderD:
             self._reference_cache[key] = [self.vector(ref) for ref in references]
         return self._reference_cache[key]
 
-    def score(self, words, references):
-        """CIDEr-D of one caption (a token list) against its image's references (token lists)."""
+    def score(self, words, references, closest=False):
+        """CIDEr-D of one caption (a token list) against its image's references (token lists): their
+        mean, or with `closest` the one it matches best."""
         weights, norms, length = self.vector(words)
-        total = 0.0
+        per_reference = []
         for ref_weights, ref_norms, ref_length in self.reference_vectors(references):
             overlap = [0.0] * NGRAM_ORDERS
             for gram, weight in weights.items():
@@ -105,16 +112,19 @@ class CiderD:
                 if ref_weight is not None:  # clipped: a repeated n-gram earns no more than the reference has
                     overlap[len(gram) - 1] += min(weight, ref_weight) * ref_weight
             penalty = math.exp(-((length - ref_length) ** 2) / (2 * self.sigma ** 2))
-            total += sum(o / (n * rn) if n and rn else o for o, n, rn in zip(overlap, norms, ref_norms)) * penalty
-        return 10.0 * total / NGRAM_ORDERS / len(references)
+            per_reference.append(
+                sum(o / (n * rn) if n and rn else o for o, n, rn in zip(overlap, norms, ref_norms)) * penalty)
+        if closest:
+            return 10.0 * max(per_reference) / NGRAM_ORDERS
+        return 10.0 * sum(per_reference) / NGRAM_ORDERS / len(references)
 
-    def scores(self, hypotheses, references):
+    def scores(self, hypotheses, references, closest=False):
         """CIDEr-D of each hypothesis (token list) against its references: a list of floats."""
-        return [self.score(h, refs) for h, refs in zip(hypotheses, references)]
+        return [self.score(h, refs, closest) for h, refs in zip(hypotheses, references)]
 
-    def corpus_score(self, hypotheses, references):
+    def corpus_score(self, hypotheses, references, closest=False):
         """The mean CIDEr-D over the images, as pycocoevalcap's `Cider` reports it."""
-        return sum(self.scores(hypotheses, references)) / max(len(hypotheses), 1)
+        return sum(self.scores(hypotheses, references, closest)) / max(len(hypotheses), 1)
 
 
 def split_references(data_folder, split):

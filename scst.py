@@ -66,6 +66,12 @@ def parse_args(argv=None):
     scst.add_argument("--scst-baseline", choices=("greedy", "mean"), default="greedy",
                       help="what a sample's reward is compared with: the image's greedy caption's reward "
                            "(Rennie et al.), or the mean reward of its other samples (default greedy)")
+    scst.add_argument("--reward-against", choices=("all", "closest"), default="all",
+                      help="the references a caption's CIDEr-D reward is computed against: all of its "
+                           "image's (their mean; Rennie et al.), or only the one it matches best, so that "
+                           "every phrasing the references use earns in full and the model is not pushed "
+                           "onto the one most of them share (docs/self-critical.md). The validation "
+                           "CIDEr-D that picks best.pt is computed the same way (default all)")
     scst.add_argument("--max-sample-length", type=int, default=16,
                       help="most words per sampled caption, <end> included (default 16, as "
                            "ruotianluo/self-critical.pytorch on COCO)")
@@ -227,6 +233,7 @@ def scst_step(run, images, indices, step, stop, captions=None, lengths=None):
     args, decoder, word_map = run.args, run.decoder, run.word_map
     start, end, rev_word_map = word_map["<start>"], word_map["<end>"], run.rev_word_map
     references = [run.references[i] for i in indices.tolist()]
+    closest = args.reward_against == "closest"
     for opt in run.active_optimizers():
         opt.zero_grad(set_to_none=True)
     with train.autocast(run.device, args.amp):
@@ -237,11 +244,11 @@ def scst_step(run, images, indices, step, stop, captions=None, lengths=None):
             greedy = decoder.greedy_decode(features.detach(), start, end, args.max_sample_length)
             decoder.train()
             baseline_rewards = torch.tensor(run.scorer.scores(
-                [decode_tokens(g, rev_word_map) for g in greedy], references), device=run.device)  # (B,)
+                [decode_tokens(g, rev_word_map) for g in greedy], references, closest), device=run.device)  # (B,)
         tokens, log_probs, counted = sample_captions(decoder, features, start, end, args.scst_samples,
                                                      args.max_sample_length)  # (B*S, T) each
         sampled_refs = [refs for refs in references for _ in range(args.scst_samples)]
-        rewards = torch.tensor(run.scorer.scores(caption_words(tokens, end, rev_word_map), sampled_refs),
+        rewards = torch.tensor(run.scorer.scores(caption_words(tokens, end, rev_word_map), sampled_refs, closest),
                                device=run.device)  # (B*S,)
         advantage, baselines = advantages(rewards, baseline_rewards, args.scst_samples, args.scst_baseline)
         loss = scst_loss(log_probs.float(), counted, advantage)
@@ -336,14 +343,16 @@ def add_epoch_sums(run, unsynced):
 
 def validate(run, val_loader, val_references, max_steps):
     """train.validate's teacher-forced loss and decoded captions, with their CIDEr-D (the training
-    document frequencies) against every reference of the val images."""
+    document frequencies) against the val images' references, as the reward computes it (all of them,
+    or the closest one with --reward-against closest)."""
     args = run.args
     metrics, decoded = train.validate(run.encoder, run.decoder, val_loader, run.word_map, run.device, args.amp,
                                       args.alpha_c, args.val_beam_size, max_steps, run.world_size,
                                       show_progress=run.is_main, length_penalty=args.val_length_penalty)
     rev_word_map = run.rev_word_map
     hypotheses = [decode_tokens(tokens, rev_word_map) for _, tokens in decoded]
-    metrics["val_decoded_cider"] = run.scorer.corpus_score(hypotheses, [val_references[i] for i, _ in decoded])
+    metrics["val_decoded_cider"] = run.scorer.corpus_score(hypotheses, [val_references[i] for i, _ in decoded],
+                                                           closest=args.reward_against == "closest")
     return metrics
 
 
@@ -383,7 +392,8 @@ def fit(run, train_set, val_loader, val_references, loader_options, stop):
             train.write_metrics_csv(args.output_dir / "metrics.csv", progress.history)
             row = progress.history[-1]
             print(f"scst epoch {row['epoch']}: train reward {row['train_reward']:.3f} (baseline "
-                  f"{row['train_baseline']:.3f}), val CIDEr-D (decoded, beam {args.val_beam_size}) "
+                  f"{row['train_baseline']:.3f}), val CIDEr-D (decoded, beam {args.val_beam_size}, "
+                  f"against {args.reward_against} references) "
                   f"{row['val_decoded_cider']:.4f}{' (best)' if improved else ''}", file=sys.stderr)
     if run.is_main and progress.history:
         write_curves(args.output_dir)

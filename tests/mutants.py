@@ -128,6 +128,13 @@ MUTATIONS = [
              "                p.grad /= run.world_size\n", "                pass\n", SCST_DDP),
     Mutation("scst: each process steps with its own gradient", "scst.py",
              "                torch_dist.all_reduce(p.grad)\n", "                pass\n", SCST_DDP),
+    # --reward-against closest: the best-matched reference, for the samples' rewards and for validation.
+    Mutation("cider: the closest reference taken as the first one", "cider.py",
+             "10.0 * max(per_reference) / NGRAM_ORDERS", "10.0 * per_reference[0] / NGRAM_ORDERS", CIDER),
+    Mutation("scst: samples rewarded against all references whatever --reward-against says", "scst.py",
+             "sampled_refs, closest)", "sampled_refs)", ("tests/test_scst.py", "-k", "closest")),
+    Mutation("scst: validation scored against all references whatever --reward-against says", "scst.py",
+             'closest=args.reward_against == "closest")', "closest=False)", ("tests/test_scst.py", "-k", "closest")),
     # The reference cache must key on an image's whole reference set.
     Mutation("cider: reference vectors cached by an image's first reference", "cider.py",
              "key = tuple(tuple(ref) for ref in references)", "key = tuple(references[0])", CIDER),

@@ -53,6 +53,24 @@ def test_a_better_caption_scores_higher_and_repeats_earn_nothing():
     assert scorer.score([], references[0]) == 0.0
 
 
+def test_closest_pays_every_phrasing_of_the_references_in_full():
+    # Two of three references state sizes: the mean over them pays more for that phrasing, the closest
+    # reference pays both phrasings alike (what scst.py --reward-against closest rewards).
+    sized, plain = ["a", "small", "red", "circle", "and", "a", "large", "blue", "square"], \
+        ["a", "red", "circle", "and", "a", "blue", "square"]
+    references = [[sized, ["a", "large", "blue", "square", "and", "a", "small", "red", "circle"], plain],
+                  [["a", "green", "triangle", "and", "a", "red", "diamond"]]]
+    scorer = CiderD.from_references(references)
+    assert scorer.score(sized, references[0]) > scorer.score(plain, references[0])
+    assert scorer.score(sized, references[0], closest=True) == pytest.approx(10.0)
+    assert scorer.score(plain, references[0], closest=True) == pytest.approx(10.0)
+    # The closest reference's score is the largest of the scores against each reference alone.
+    partial = ["a", "red", "circle", "and", "a", "square"]
+    assert scorer.score(partial, references[0], closest=True) == pytest.approx(
+        max(scorer.score(partial, [ref]) for ref in references[0]))
+    assert scorer.corpus_score([partial], references[:1], closest=True) == scorer.score(partial, references[0], True)
+
+
 def test_document_frequencies_count_images_not_captions():
     df = document_frequencies([[["a", "cat"], ["a", "cat"]], [["a", "dog"]]])
     assert df[("a",)] == 2 and df[("cat",)] == 1 and df[("a", "cat")] == 1

@@ -233,6 +233,34 @@ def test_each_sample_is_rewarded_against_its_own_images_references(one_process_u
     assert max(rewards) > 0
 
 
+def test_reward_against_closest_scores_samples_and_validation_by_the_best_matched_reference(
+        trained_run, packed_data, tmp_path, monkeypatch):
+    record, validated_closest = {}, []
+    corpus_score = CiderD.corpus_score
+
+    def recording_corpus_score(self, hypotheses, references, closest=False):
+        validated_closest.append(closest)
+        return corpus_score(self, hypotheses, references, closest)
+
+    monkeypatch.setattr(CiderD, "corpus_score", recording_corpus_score)
+    handle = scst_worker.record_first_update(monkeypatch.setattr, record, packed_data)
+    try:
+        scst.main(scst_args(trained_run, packed_data, tmp_path, "--batch-size", 4, "--steps-per-epoch", 1,
+                            *SAME_UPDATE, "--reward-against", "closest"))
+    finally:
+        handle.remove()
+    references = split_references(packed_data, "train")
+    scorer = CiderD.from_references(references)
+    word_map = json.loads((packed_data / "word_map.json").read_text())
+    samples = scst.caption_words(torch.tensor(record["tokens"]), word_map["<end>"], {v: k for k, v in word_map.items()})
+    owners = [references[i] for i in record["indices"] for _ in range(2)]  # 2 samples per image, in a row
+    closest = [scorer.score(words, refs, closest=True) for words, refs in zip(samples, owners)]
+    mean_of_all = [scorer.score(words, refs) for words, refs in zip(samples, owners)]
+    assert record["reward"] == pytest.approx(sum(closest) / len(closest), rel=1e-6)
+    assert sum(closest) > sum(mean_of_all)  # the references differ: the closest one scores higher
+    assert validated_closest == [True]  # best.pt is picked by the same score
+
+
 def test_one_update_on_two_processes_equals_one_process_on_both_batches(one_process_update, trained_run,
                                                                         packed_data, tmp_path):
     # Sampling is not a forward() that DDP could hook, so scst.py averages the gradients itself: under
