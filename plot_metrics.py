@@ -13,6 +13,7 @@ train.py and scst.py write curves.png themselves when they finish; this draws it
 import argparse
 import csv
 import io
+import json
 import math
 from pathlib import Path
 
@@ -63,7 +64,22 @@ def best_epoch(metrics):
     return int(metrics["epoch"][best])
 
 
-def draw_curves(metrics, out_path):
+def run_labels(run_dir):
+    """LABELS for the run in `run_dir`: an scst.py run rewarded against the closest reference (its
+    args.json says so) has its reward and validation CIDEr-D named so, since that score runs higher than
+    CIDEr-D against every reference, which eval.py reports."""
+    args_path = Path(run_dir) / "args.json"
+    try:
+        closest = json.loads(args_path.read_text()).get("reward_against") == "closest"
+    except (OSError, ValueError, AttributeError):  # no args.json, or not one of ours: the plain names
+        closest = False
+    if not closest:
+        return LABELS
+    return {**LABELS, "train_reward": "reward (closest reference)",
+            "val_decoded_cider": "CIDEr-D (closest reference)"}
+
+
+def draw_curves(metrics, out_path, labels=LABELS):
     """Draw the panels of `metrics` (read_metrics) into `out_path`, written whole or not at all."""
     import matplotlib
 
@@ -80,7 +96,7 @@ def draw_curves(metrics, out_path):
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, columns, log) in zip(axes[0], panels):
         for column in columns:
-            ax.plot(epochs, metrics[column], marker="o", markersize=3, label=LABELS.get(column, column))
+            ax.plot(epochs, metrics[column], marker="o", markersize=3, label=labels.get(column, column))
         if best is not None:
             ax.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"best.pt (epoch {best})")
         if log:
@@ -100,7 +116,7 @@ def draw_curves(metrics, out_path):
 def write_curves(run_dir, out_path=None):
     """curves.png (or `out_path`) of the metrics.csv in `run_dir`; returns its path."""
     out_path = Path(out_path or Path(run_dir) / "curves.png")
-    draw_curves(read_metrics(Path(run_dir) / "metrics.csv"), out_path)
+    draw_curves(read_metrics(Path(run_dir) / "metrics.csv"), out_path, run_labels(run_dir))
     return out_path
 
 

@@ -4,6 +4,7 @@ refuses the logs, and plot_metrics.py's curves.png."""
 import csv
 import errno
 import io
+import json
 import math
 import os
 import signal
@@ -245,6 +246,20 @@ def test_curves_mark_the_first_best_epoch_by_the_score_that_picks_best_pt(tmp_pa
         {"epoch": e, "train_reward": 0.5, "train_baseline": 0.4, "val_decoded_bleu4": b, "val_decoded_cider": c}
         for e, (b, c) in enumerate([(0.3, 0.9), (0.2, 1.1), (0.4, 1.0)])])
     assert plot_metrics.best_epoch(plot_metrics.read_metrics(tmp_path / "metrics.csv")) == 1
+
+
+def test_curves_name_the_closest_reference_reward_of_an_scst_run(tmp_path):
+    write_csv(tmp_path / "metrics.csv", [
+        {"epoch": e, "train_reward": 7.0 + e, "train_baseline": 6.9 + e, "val_decoded_bleu4": 0.8,
+         "val_decoded_cider": 7.5 + e} for e in range(2)])
+    assert plot_metrics.run_labels(tmp_path) == plot_metrics.LABELS  # no args.json: the plain names
+    (tmp_path / "args.json").write_text(json.dumps({"reward_against": "all"}))
+    assert plot_metrics.run_labels(tmp_path)["val_decoded_cider"] == "CIDEr-D"
+    (tmp_path / "args.json").write_text(json.dumps({"reward_against": "closest"}))
+    labels = plot_metrics.run_labels(tmp_path)
+    assert labels["val_decoded_cider"] == "CIDEr-D (closest reference)"
+    assert labels["train_reward"] == "reward (closest reference)"
+    assert plot_metrics.main([str(tmp_path)]) == tmp_path / "curves.png"
 
 
 def test_plot_metrics_names_the_missing_file(tmp_path):
