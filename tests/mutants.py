@@ -135,6 +135,8 @@ MUTATIONS = [
              "sampled_refs, closest)", "sampled_refs)", ("tests/test_scst.py", "-k", "closest")),
     Mutation("scst: validation scored against all references whatever --reward-against says", "scst.py",
              'closest=args.reward_against == "closest")', "closest=False)", ("tests/test_scst.py", "-k", "closest")),
+    Mutation("scst: a run resumed with another --reward-against", "scst.py",
+             "if saved_reward != args.reward_against:", "if False:", ("tests/test_scst.py", "-k", "another_reward")),
     # The reference cache must key on an image's whole reference set.
     Mutation("cider: reference vectors cached by an image's first reference", "cider.py",
              "key = tuple(tuple(ref) for ref in references)", "key = tuple(references[0])", CIDER),

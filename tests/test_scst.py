@@ -180,6 +180,16 @@ def test_a_cross_entropy_checkpoint_cannot_be_resumed_as_scst(trained_run, packe
         scst.main(scst_args(trained_run, packed_data, tmp_path, "--resume", trained_run / "best.pt"))
 
 
+def test_a_run_cannot_be_resumed_with_another_reward(trained_run, packed_data, tmp_path):
+    from utils import UserError
+
+    scst.main(scst_args(trained_run, packed_data, tmp_path, "--steps-per-epoch", 1, "--reward-against", "closest"))
+    with pytest.raises(UserError, match="trained with --reward-against closest; pass the same"):
+        scst.main(scst_args(trained_run, packed_data, tmp_path, "--epochs", 2, "--resume", tmp_path / "last.pt"))
+    assert len(scst.main(scst_args(trained_run, packed_data, tmp_path, "--epochs", 2, "--steps-per-epoch", 1,
+                                   "--reward-against", "closest", "--resume", tmp_path / "last.pt"))) == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # Which references a sample is rewarded against, and one update on two processes
 
