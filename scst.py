@@ -422,8 +422,9 @@ def read_starting_point(args, word_map):
         if not state.get("scst"):
             raise UserError(f"{args.resume}: is not a checkpoint of scst.py; pass it as --checkpoint to start "
                             "self-critical training from it")
-        saved_reward = state["args"].get("reward_against", "all")  # runs before the flag were rewarded so
-        if saved_reward != args.reward_against:  # best.pt's score so far was computed the checkpoint's way
+        # best.pt's score so far was computed the checkpoint's way (against all references before the flag)
+        saved_reward = state["args"].get("reward_against", "all")
+        if saved_reward != args.reward_against:
             raise UserError(f"{args.resume}: was trained with --reward-against {saved_reward}; pass the same "
                             "to resume it, or start a new run from a cross-entropy checkpoint")
     if state["word_map"] != word_map:
