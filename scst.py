@@ -224,6 +224,12 @@ class ScstRun(train.Run):
         """Token index -> word."""
         return {v: k for k, v in self.word_map.items()}
 
+    @property
+    def reward_closest(self):
+        """Whether a caption's CIDEr-D, as reward and as the validation score that picks best.pt, is
+        computed against its closest reference only (--reward-against closest)."""
+        return self.args.reward_against == "closest"
+
 
 def scst_step(run, images, indices, step, stop, captions=None, lengths=None):
     """One self-critical update on a batch of images (B, 3, S, S) with their indices (B,) in the train
@@ -233,7 +239,7 @@ def scst_step(run, images, indices, step, stop, captions=None, lengths=None):
     args, decoder, word_map = run.args, run.decoder, run.word_map
     start, end, rev_word_map = word_map["<start>"], word_map["<end>"], run.rev_word_map
     references = [run.references[i] for i in indices.tolist()]
-    closest = args.reward_against == "closest"
+    closest = run.reward_closest
     for opt in run.active_optimizers():
         opt.zero_grad(set_to_none=True)
     with train.autocast(run.device, args.amp):
@@ -352,7 +358,7 @@ def validate(run, val_loader, val_references, max_steps):
     rev_word_map = run.rev_word_map
     hypotheses = [decode_tokens(tokens, rev_word_map) for _, tokens in decoded]
     metrics["val_decoded_cider"] = run.scorer.corpus_score(hypotheses, [val_references[i] for i, _ in decoded],
-                                                           closest=args.reward_against == "closest")
+                                                           closest=run.reward_closest)
     return metrics
 
 

@@ -134,7 +134,7 @@ MUTATIONS = [
     Mutation("scst: samples rewarded against all references whatever --reward-against says", "scst.py",
              "sampled_refs, closest)", "sampled_refs)", ("tests/test_scst.py", "-k", "closest")),
     Mutation("scst: validation scored against all references whatever --reward-against says", "scst.py",
-             'closest=args.reward_against == "closest")', "closest=False)", ("tests/test_scst.py", "-k", "closest")),
+             "closest=run.reward_closest)", "closest=False)", ("tests/test_scst.py", "-k", "closest")),
     Mutation("scst: a run resumed with another --reward-against", "scst.py",
              "if saved_reward != args.reward_against:", "if False:", ("tests/test_scst.py", "-k", "another_reward")),
     # The reference cache must key on an image's whole reference set.
