@@ -37,8 +37,9 @@ from tqdm import tqdm
 import safe_unpickle
 import train
 from checkpoints import CHECKPOINT_VERSION, build_models, save_checkpoint
-from datasets import MANIFEST, SPECIAL_TOKENS, SPLITS, WORD_MAP, decode_tokens, meta_file, split_file, strip_special
+from datasets import MANIFEST, SPECIAL_TOKENS, SPLITS, WORD_MAP, decode_tokens, split_file, strip_special
 from models import RESNET_BLOCKS
+from packed_data import write_meta
 from utils import UserError, read_json, run_main, write_json
 
 # ----------------------------------------------------------------------------------------------
@@ -554,7 +555,7 @@ def convert_data(folder, out, base_name=None, chunk_images=256):
         raise
     for split, (partial, *_, meta) in done.items():
         partial.replace(split_file(out, split))
-        write_json(meta_file(out, split), {"images": meta})
+        write_meta(out, split, meta)
     write_json(out / WORD_MAP, word_map)
     manifest = data_manifest(folder, base, word_map, done)
     write_json(out / MANIFEST, manifest)

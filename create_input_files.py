@@ -12,7 +12,7 @@ Output folder (manifest.json is written last, so a folder without it is an unfin
     word_map.json           {word: index}, <pad> = 0, then words, <unk>, <start>, <end>
     {split}.h5              images (N, 3, S, S) uint8; captions (N*C, max_len+2) int32
                             (<start> words <end> <pad>...); lengths (N*C,) int32 with <start>/<end>
-    {split}_meta.json       per image: source file (absolute path), name in the dataset, image id,
+    {split}_meta.json       one line per image: source file (absolute path), name in the dataset, image id,
                             every caption as given ("captions") and tokenised ("references": what
                             eval.py scores against, all of them, each once), and objects with boxes
                             (shapes set)
@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from packed_data import MANIFEST, SPLITS, WORD_MAP, meta_file, split_file
+from packed_data import MANIFEST, SPLITS, WORD_MAP, split_file, write_meta
 from utils import UserError, load_image, read_json, run_main, write_json
 
 # Words are runs of letters or digits in any script, with inner apostrophes ("don't").
@@ -362,7 +362,7 @@ def pack(args):
 
     for split in SPLITS:
         partial[split].replace(split_file(out, split))
-        write_json(meta_file(out, split), {"images": [r["meta"] for r in kept[split]]})
+        write_meta(out, split, [r["meta"] for r in kept[split]])
     write_json(out / WORD_MAP, word_map)
     manifest = {
         "format_version": 1, "dataset": args.dataset, "image_size": args.image_size,
@@ -384,7 +384,7 @@ def image_meta(record):
     scores against exactly these, each once, as the official COCO scorer does, while the split
     file holds --captions-per-image of them for training and the teacher-forced loss.
     """
-    return {"file": str(Path(record["path"]).resolve()), "name": record["name"], "image_id": record["image_id"],
+    return {"file": os.path.abspath(record["path"]), "name": record["name"], "image_id": record["image_id"],
             "captions": record["captions"], "references": record["references"],
             "objects": normalised_objects(record, record["path"])}
 

@@ -8,9 +8,10 @@ create_input_files.py writes this layout and datasets.py reads it; neither this 
 packer imports torch, so packing starts without loading it (datasets.py re-exports these names).
 """
 
+import json
 from pathlib import Path
 
-from utils import UserError, read_json
+from utils import UserError, atomic_write, read_json
 
 SPLITS = ("train", "val", "test")
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<start>", "<end>")
@@ -26,6 +27,16 @@ def split_file(data_folder, split):
 def meta_file(data_folder, split):
     """JSON of one split: per image its source file, id and, for the shapes set, its objects."""
     return Path(data_folder) / f"{split}_meta.json"
+
+
+def write_meta(data_folder, split, entries):
+    """Write meta_file(data_folder, split): {"images": entries}, one image's entry a line.
+
+    A line an image keeps the file easy to read and grep, and lets json.dumps use its C encoder,
+    which indented JSON cannot: about a third of the time (docs/packing-speed.md).
+    """
+    lines = ",\n".join(json.dumps(entry, ensure_ascii=False) for entry in entries)
+    atomic_write(meta_file(data_folder, split), lambda f: f.write(f'{{"images": [\n{lines}\n]}}\n'))
 
 
 def read_manifest(data_folder):

@@ -1,6 +1,7 @@
 """Packing's rules, checked on small datasets the tests write themselves: how many captions each image
 keeps, which words enter the word map, which captions are too long, and the pixels a model sees."""
 import json
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -74,3 +75,15 @@ def test_the_model_sees_imagenet_normalised_pixels_of_the_right_image_for_each_c
         first_word = caption[1].item()
         assert first_word == word_map[["first", "second", "third"][owner]]
         assert length.item() >= 3
+
+
+def test_meta_file_holds_one_image_a_line_in_packing_order_and_reads_back_whole(tmp_path):
+    out = pack(tmp_path, [["a dog é"], ["a cat"], ["a cow"]], "--captions-per-image", 1, "--min-word-freq", 1)
+    text = (out / "train_meta.json").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert lines[0] == '{"images": [' and lines[-1] == "]}" and len(lines) == 3 + 2
+    entries = [json.loads(line.rstrip(",")) for line in lines[1:-1]]
+    assert [Path(e["file"]).name for e in entries] == ["im0.png", "im1.png", "im2.png"]
+    assert entries[0]["captions"] == ["a dog é"] and "é" in lines[1]  # written as UTF-8, not \u escapes
+    assert json.loads(text) == {"images": entries}
+    assert json.loads((out / "val_meta.json").read_text())["images"][0]["references"] == [["val", "words"]]
