@@ -172,12 +172,18 @@ def load_image(path, size):
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         reason = reason.replace(f" {str(path)!r}", "")  # Pillow repeats the path
         raise UserError(f"{path}: cannot decode image ({reason})") from None
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # (3, S, S)
+    return pixels  # (3, S, S)
 
 
 def _squared(image, size):
-    """The packing resize rule, in one place: an RGB Pillow image -> (size, size, 3) uint8, bicubic."""
-    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+    """The packing resize rule, in one place: an RGB Pillow image -> (3, size, size) uint8, bicubic."""
+    square = image.resize((size, size), Image.Resampling.BICUBIC)
+    # Band by band: Pillow hands each band over contiguous, where np.asarray gives (S, S, 3) and
+    # only a strided, transposing copy makes it (3, S, S) (docs/packing-speed.md).
+    pixels = np.empty((3, size, size), dtype=np.uint8)
+    for plane, band in zip(pixels, "RGB"):
+        plane[...] = np.frombuffer(square.tobytes("raw", band), dtype=np.uint8).reshape(size, size)
+    return pixels
 
 
 def check_image_file(path):

@@ -176,6 +176,11 @@ MUTATIONS = [
              "if n >= min_word_freq)", "if n > min_word_freq)", PACKING),
     Mutation("packing: a caption of exactly max-len words is dropped", "create_input_files.py",
              "if len(tokens) > max_len:", "if len(tokens) >= max_len:", PACKING),
+    # The planes of the packed (3, S, S) image in another order: the model would see blue as red.
+    Mutation("packing: the colour planes written in BGR order", "utils.py",
+             'zip(pixels, "RGB")', 'zip(pixels, "BGR")', ("tests/test_fast_jpeg.py", "-k", "other_formats")),
+    Mutation("packing: the meta file's entries without the commas between them", "packed_data.py",
+             'lines = ",\\n".join(', 'lines = "\\n".join(', ("tests/test_packing_rules.py", "-k", "meta_file")),
     Mutation("images: pixels not divided by 255 before ImageNet normalisation", "utils.py",
              "scaled = images.float() / 255.0", "scaled = images.float()", PACKING),
     Mutation("dataset: caption i paired with the wrong image", "datasets.py",

@@ -102,6 +102,7 @@ def test_other_formats_go_through_pillow(tmp_path, decode_calls, suffix):
     assert decode_calls == []
     expected = np.asarray(Image.open(path).convert("RGB").resize((50, 50), Image.Resampling.BICUBIC))
     assert np.array_equal(packed, expected.transpose(2, 0, 1))
+    assert packed.flags.c_contiguous and packed.flags.writeable  # torch.from_numpy takes it as it is
 
 
 def test_exif_orientation_is_honoured(tmp_path, monkeypatch, decode_calls):
