@@ -20,9 +20,12 @@ Output folder (manifest.json is written last, so a folder without it is an unfin
 """
 
 import argparse
+import contextlib
+import errno
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 from collections import Counter, deque
@@ -295,6 +298,24 @@ def error_reason(error, path):
     return error[len(prefix):] if error.startswith(prefix) else error
 
 
+def packed_bytes(num_images, args):
+    """The bytes of the split files' arrays for `num_images` images: pixels, captions and lengths."""
+    caption_bytes = 4 * (args.max_len + 2 + 1)  # int32 ids with <start> and <end>, and a length
+    return num_images * (3 * args.image_size ** 2 + args.captions_per_image * caption_bytes)
+
+
+def check_free_space(folder, needed):
+    """Refuse to start when `folder`'s disk has less than `needed` bytes free, rather than stop where the
+    disk fills: COCO's split files take 24 GB at 256 pixels, and a laptop's disk may fill deep into the run.
+    The arrays alone are a floor (HDF5's own records and the JSON files add a little), so a run this
+    lets through may still fill the disk; main() then says so in one line."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise UserError(f"{folder}: the packed images and captions alone take {needed / 1e9:.2f} GB and "
+                        f"this disk has {free / 1e9:.2f} GB free; free some space or pass an "
+                        "--output-folder on a disk with room")
+
+
 def write_images(records, split_files, args, kept, bad_images):
     """Decode every record's image into its split's file; append the records written to kept[split]
     and the paths of images that could not be read to `bad_images` (with --skip-bad-images)."""
@@ -332,6 +353,7 @@ def pack(args):
                                         args.test_size, args.seed)
     dropped = Counter()
     usable = tokenize_records(records, args.max_len, dropped)
+    check_free_space(out, packed_bytes(len(usable), args))
 
     # Images first, so that the word map counts only the captions of images that were kept.
     bad_images = []
@@ -349,21 +371,23 @@ def pack(args):
         word_map = build_word_map([r["tokens"] for r in kept["train"]], args.min_word_freq)
         for split in SPLITS:
             write_captions(split_files[split], kept[split], word_map, args)
+            split_files[split].close()  # HDF5 writes the file's metadata now: a full disk can stop it here
+        # The JSON files before the split files take their names: renaming needs no space.
+        for split in SPLITS:
+            write_meta(out, split, [r["meta"] for r in kept[split]])
+        write_json(out / WORD_MAP, word_map)
     except BaseException:
-        # Stopped (an error, Ctrl-C, or SIGTERM, which main turns into SystemExit): nothing
-        # half-written stays behind.
+        # Stopped (an error, a full disk, Ctrl-C, or SIGTERM, which main turns into SystemExit):
+        # nothing half-written stays behind.
         for f in split_files.values():
-            f.close()
+            with contextlib.suppress(OSError):  # a file the full disk would not let close
+                f.close()
         for path in partial.values():
             path.unlink(missing_ok=True)
         raise
-    for f in split_files.values():
-        f.close()
 
     for split in SPLITS:
         partial[split].replace(split_file(out, split))
-        write_meta(out, split, [r["meta"] for r in kept[split]])
-    write_json(out / WORD_MAP, word_map)
     manifest = {
         "format_version": 1, "dataset": args.dataset, "image_size": args.image_size,
         "captions_per_image": args.captions_per_image, "max_len": args.max_len,
@@ -421,6 +445,11 @@ def main(argv=None):
     previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         manifest = pack(args)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk, or a full quota on a shared one
+            raise
+        raise UserError(f"{args.output_folder}: the disk filled up while packing ({exc.strerror}); no {MANIFEST} "
+                        "marks the folder finished, so train.py will not read it: free some space and run again") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"packed {manifest['images']} images into {args.output_folder}, "

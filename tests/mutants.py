@@ -181,6 +181,16 @@ MUTATIONS = [
              'zip(pixels, "RGB")', 'zip(pixels, "BGR")', ("tests/test_fast_jpeg.py", "-k", "other_formats")),
     Mutation("packing: the meta file's entries without the commas between them", "packed_data.py",
              'lines = ",\\n".join(', 'lines = "\\n".join(', ("tests/test_packing_rules.py", "-k", "meta_file")),
+    # A disk without room: refused before packing starts, and a disk that fills anyway leaves one line
+    # and no partial file.
+    Mutation("packing: the free space never checked", "create_input_files.py",
+             "check_free_space(out, packed_bytes(len(usable), args))", "check_free_space(out, 0)", ("tests/test_robustness.py", "-k", "disk")),
+    Mutation("packing: the estimate leaves out the caption lengths", "create_input_files.py",
+             "4 * (args.max_len + 2 + 1)", "4 * (args.max_len + 2)", ("tests/test_robustness.py", "-k", "disk")),
+    Mutation("packing: the split files closed only after the cleanup's reach", "create_input_files.py",
+             "            split_files[split].close()  # HDF5", "            pass  # HDF5", ("tests/test_robustness.py", "-k", "disk")),
+    Mutation("packing: a full disk left as HDF5's traceback", "create_input_files.py",
+             "if exc.errno not in (errno.ENOSPC, errno.EDQUOT):", "if True:", ("tests/test_robustness.py", "-k", "disk")),
     Mutation("images: pixels not divided by 255 before ImageNet normalisation", "utils.py",
              "scaled = images.float() / 255.0", "scaled = images.float()", PACKING),
     Mutation("dataset: caption i paired with the wrong image", "datasets.py",

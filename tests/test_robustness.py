@@ -4,8 +4,10 @@ Subprocesses only where the behaviour is about the process (exit codes, signals,
 the scripts' main() runs in this process under utils.run_main, exactly as their __main__ blocks do.
 """
 import csv
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -377,6 +379,60 @@ def assert_same_packed_output(a, b):
                 assert np.array_equal(data_a[key], data_b[key]), (name, key)
         else:
             assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), name
+
+
+def small_dataset(tmp_path, count=6):
+    """`count` solid PNGs over the three splits, with a Karpathy JSON; returns the JSON's path."""
+    entries = [(solid(tmp_path / f"im{i}.png").name, ["train", "val", "test"][i % 3], [f"box {i}"]) for i in range(count)]
+    return write_karpathy(tmp_path, entries)
+
+
+def test_packing_refuses_to_start_on_a_disk_without_room_and_its_estimate_is_the_arrays_it_writes(
+        tmp_path, monkeypatch):
+    json_path, out = small_dataset(tmp_path), tmp_path / "out"
+    argv = pack_args(json_path, tmp_path, out, "--max-len", 20, size=64)
+    args = create_input_files.parse_args(argv)
+    needed = create_input_files.packed_bytes(6, args)
+    space = {"free": needed - 1}
+    monkeypatch.setattr(create_input_files.shutil, "disk_usage",
+                        lambda folder: shutil._ntuple_diskusage(10 * needed, 9 * needed, space["free"]))
+    message = run_script(create_input_files, argv, "create_input_files.py")
+    assert_one_line_error(message, "create_input_files.py", out, "GB", "--output-folder")
+    assert list(out.iterdir()) == []  # nothing written
+    space["free"] = needed
+    create_input_files.main(argv)
+    written = 0
+    for split in ("train", "val", "test"):
+        with h5py.File(out / f"{split}.h5") as f:
+            written += sum(f[name].nbytes for name in ("images", "captions", "lengths"))
+    assert written == needed
+
+
+@pytest.mark.parametrize("where", ["writing an image", "closing a file", "writing the meta files"])
+def test_a_disk_that_fills_while_packing_gives_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, where):
+    json_path, out = small_dataset(tmp_path), tmp_path / "out"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if where == "writing an image":
+        def add(writer, pixels, real=create_input_files.ImageChunkWriter.add):
+            if writer.count == 1:
+                raise full
+            real(writer, pixels)
+        monkeypatch.setattr(create_input_files.ImageChunkWriter, "add", add)
+    elif where == "writing the meta files":  # the last large files, after the split files are closed
+        def write_meta(folder, split, entries):
+            raise full
+        monkeypatch.setattr(create_input_files, "write_meta", write_meta)
+    else:  # HDF5 writes a file's metadata when it closes it: the first close fails, as on a full disk
+        closes = []
+        def close(f, real=h5py.File.close):
+            closes.append(f.filename)
+            if len(closes) == 1:
+                raise full
+            real(f)
+        monkeypatch.setattr(h5py.File, "close", close)
+    message = run_script(create_input_files, pack_args(json_path, tmp_path, out), "create_input_files.py")
+    assert_one_line_error(message, "create_input_files.py", out, "free some space", "manifest.json")
+    assert list(out.iterdir()) == []  # no partial file left taking the space
 
 
 def test_packing_killed_part_way_leaves_nothing_finished_and_reruns_identically(tmp_path):
