@@ -58,6 +58,15 @@ def tokenize(text):
             for part in (_CJK_OR_WORD.findall(word) if _HAS_CJK.search(word) else [word])]
 
 
+def usable_cpus():
+    """The CPUs this process may run on: those taskset or a cluster job gave it, not all the machine's
+    (more decoding threads than that only take turns)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def parse_args(argv=None):
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,8 +95,9 @@ def parse_args(argv=None):
     out.add_argument("--max-len", type=int, default=50,
                      help="captions with more words are dropped (default 50)")
     sysg = parser.add_argument_group("system")
-    sysg.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                      help="threads decoding images, 0 for none (default: CPU count, at most 8)")
+    sysg.add_argument("--workers", type=int, default=min(8, usable_cpus()),
+                      help="threads decoding images, 0 for none (default: the CPUs this process may use, "
+                           "at most 8)")
     sysg.add_argument("--seed", type=int, default=0, help="seed for choosing and repeating captions")
     sysg.add_argument("--skip-bad-images", action="store_true",
                       help="skip images that are missing or cannot be decoded (with their captions) "

@@ -129,6 +129,14 @@ def test_decode_images_in_threads_equals_one_thread_in_input_order(tmp_path):
     assert not [t for t in threading.enumerate() if t.name.startswith("decode")]  # no thread left running
 
 
+@pytest.mark.parametrize("allowed,workers", [({0}, 1), ({1, 4, 5}, 3), (set(range(64)), 8)])
+def test_decoding_threads_default_to_the_cpus_the_process_may_use_at_most_8(monkeypatch, allowed, workers):
+    # As under `taskset -c 1,4,5` or a cluster job given 3 CPUs of a larger machine.
+    monkeypatch.setattr(create_input_files.os, "sched_getaffinity", lambda pid: allowed, raising=False)
+    argv = ["--karpathy-json", "x.json", "--image-folder", "images", "--output-folder", "out"]
+    assert create_input_files.parse_args(argv).workers == workers
+
+
 def test_image_chunk_writer_stores_every_image_in_order_and_cuts_to_those_written(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (7, 3, 4, 4), dtype=np.uint8)
     with h5py.File(tmp_path / "images.h5", "w") as f:
