@@ -458,8 +458,9 @@ def main(argv=None):
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk, or a full quota on a shared one
             raise
-        raise UserError(f"{args.output_folder}: the disk filled up while packing ({exc.strerror}); no {MANIFEST} "
-                        "marks the folder finished, so train.py will not read it: free some space and run again") from None
+        raise UserError(f"{args.output_folder}: the disk filled up while packing ({exc.strerror}); no "
+                        f"{MANIFEST} marks the folder finished, so train.py will not read it: free some space "
+                        "and run again") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"packed {manifest['images']} images into {args.output_folder}, "

@@ -56,6 +56,7 @@ PRECISE_BN = ("tests/test_precise_bn.py",)
 SCST_XE = ("tests/test_scst.py", "-k", "reference_loss or xe_weight")
 HARD = ("tests/test_hard_attention.py", "-k", "not hard_run and not resume")
 # Read back from the figure's and the view's pixels with a one-hot decoder: no training needed.
+DISK = ("tests/test_robustness.py", "-k", "disk")
 SEEN = ("tests/test_what_users_see.py", "-k", "panel or view or busy or hard_model or tutorial or 51")
 
 MUTATIONS = [
@@ -184,13 +185,13 @@ MUTATIONS = [
     # A disk without room: refused before packing starts, and a disk that fills anyway leaves one line
     # and no partial file.
     Mutation("packing: the free space never checked", "create_input_files.py",
-             "check_free_space(out, packed_bytes(len(usable), args))", "check_free_space(out, 0)", ("tests/test_robustness.py", "-k", "disk")),
+             "check_free_space(out, packed_bytes(len(usable), args))", "check_free_space(out, 0)", DISK),
     Mutation("packing: the estimate leaves out the caption lengths", "create_input_files.py",
-             "4 * (args.max_len + 2 + 1)", "4 * (args.max_len + 2)", ("tests/test_robustness.py", "-k", "disk")),
+             "4 * (args.max_len + 2 + 1)", "4 * (args.max_len + 2)", DISK),
     Mutation("packing: the split files closed only after the cleanup's reach", "create_input_files.py",
-             "            split_files[split].close()  # HDF5", "            pass  # HDF5", ("tests/test_robustness.py", "-k", "disk")),
+             "            split_files[split].close()  # HDF5", "            pass  # HDF5", DISK),
     Mutation("packing: a full disk left as HDF5's traceback", "create_input_files.py",
-             "if exc.errno not in (errno.ENOSPC, errno.EDQUOT):", "if True:", ("tests/test_robustness.py", "-k", "disk")),
+             "if exc.errno not in (errno.ENOSPC, errno.EDQUOT):", "if True:", DISK),
     Mutation("packing: the decoding threads default to the machine's CPU count", "create_input_files.py",
              "return len(os.sched_getaffinity(0))", "return os.cpu_count()",
              ("tests/test_fast_paths.py", "-k", "cpus_the_process")),

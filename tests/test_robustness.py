@@ -383,7 +383,8 @@ def assert_same_packed_output(a, b):
 
 def small_dataset(tmp_path, count=6):
     """`count` solid PNGs over the three splits, with a Karpathy JSON; returns the JSON's path."""
-    entries = [(solid(tmp_path / f"im{i}.png").name, ["train", "val", "test"][i % 3], [f"box {i}"]) for i in range(count)]
+    entries = [(solid(tmp_path / f"im{i}.png").name, ["train", "val", "test"][i % 3], [f"box {i}"])
+               for i in range(count)]
     return write_karpathy(tmp_path, entries)
 
 
