@@ -7,12 +7,12 @@ import csv
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -396,7 +396,7 @@ def test_packing_refuses_to_start_on_a_disk_without_room_and_its_estimate_is_the
     needed = create_input_files.packed_bytes(6, args)
     space = {"free": needed - 1}
     monkeypatch.setattr(create_input_files.shutil, "disk_usage",
-                        lambda folder: shutil._ntuple_diskusage(10 * needed, 9 * needed, space["free"]))
+                        lambda folder: SimpleNamespace(total=10 * needed, used=9 * needed, free=space["free"]))
     message = run_script(create_input_files, argv, "create_input_files.py")
     assert_one_line_error(message, "create_input_files.py", out, "GB", "--output-folder")
     assert list(out.iterdir()) == []  # nothing written
