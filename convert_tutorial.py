@@ -22,6 +22,7 @@ nor this repo's is imported or run).
 """
 
 import argparse
+import errno
 import random
 import re
 import sys
@@ -549,14 +550,19 @@ def convert_data(folder, out, base_name=None, chunk_images=256):
         with tqdm(total=sum(counts.values()), desc="copying images", unit="img", file=sys.stderr) as progress:
             for split in SPLITS:
                 done[split] = convert_split(folder, base, split, out, word_map, chunk_images, progress)
-    except BaseException:
+        # The JSON files before the split files take their names: renaming needs no space.
+        for split, (*_, meta) in done.items():
+            write_meta(out, split, meta)
+        write_json(out / WORD_MAP, word_map)
+    except BaseException as exc:
         for partial, *_ in done.values():
             partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"{out}: the disk filled up while converting ({exc.strerror}); free some space "
+                            "and run again") from None
         raise
-    for split, (partial, *_, meta) in done.items():
+    for split, (partial, *_) in done.items():
         partial.replace(split_file(out, split))
-        write_meta(out, split, meta)
-    write_json(out / WORD_MAP, word_map)
     manifest = data_manifest(folder, base, word_map, done)
     write_json(out / MANIFEST, manifest)
     return manifest

@@ -2,6 +2,7 @@
 0.4 wrote them and saved again as zip archives, and its packed folders, written here in the
 tutorial's layout at tiny sizes (and once at full ResNet-101 size), into this repo's formats."""
 import argparse
+import errno
 import io
 import json
 import os
@@ -600,6 +601,18 @@ def test_an_interrupted_conversion_leaves_no_manifest_and_no_half_written_file(t
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")} == finished  # the earlier run's, untouched
     with pytest.raises(UserError, match="no manifest.json"):
         read_manifest(out)
+
+
+def test_a_disk_that_fills_at_the_meta_files_leaves_one_sentence_and_no_partial_file(tutorial_folder, tmp_path,
+                                                                                    monkeypatch):
+    def full(folder, split, entries):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(convert_tutorial, "write_meta", full)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="disk filled up"):
+        convert_tutorial.convert_data(tutorial_folder, out)
+    assert list(out.iterdir()) == []  # no partial file left taking the space
 
 
 def test_tutorial_folders_that_do_not_fit_are_refused_naming_the_folder_and_the_files(tutorial_folder, tmp_path):
