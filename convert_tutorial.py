@@ -22,7 +22,6 @@ nor this repo's is imported or run).
 """
 
 import argparse
-import errno
 import random
 import re
 import sys
@@ -41,7 +40,7 @@ from checkpoints import CHECKPOINT_VERSION, build_models, save_checkpoint
 from datasets import MANIFEST, SPECIAL_TOKENS, SPLITS, WORD_MAP, decode_tokens, split_file, strip_special
 from models import RESNET_BLOCKS
 from packed_data import write_meta
-from utils import UserError, read_json, run_main, write_json
+from utils import UserError, disk_full, read_json, run_main, write_json
 
 # ----------------------------------------------------------------------------------------------
 # Reading a tutorial checkpoint without running what it names
@@ -557,7 +556,7 @@ def convert_data(folder, out, base_name=None, chunk_images=256):
     except BaseException as exc:
         for partial, *_ in done.values():
             partial.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(exc):
             raise UserError(f"{out}: the disk filled up while converting ({exc.strerror}); free some space "
                             "and run again") from None
         raise

@@ -21,7 +21,6 @@ Output folder (manifest.json is written last, so a folder without it is an unfin
 
 import argparse
 import contextlib
-import errno
 import os
 import random
 import re
@@ -37,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from packed_data import MANIFEST, SPLITS, WORD_MAP, split_file, write_meta
-from utils import UserError, load_image, read_json, run_main, write_json
+from utils import UserError, disk_full, load_image, read_json, run_main, write_json
 
 # Words are runs of letters or digits in any script, with inner apostrophes ("don't").
 _WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
@@ -456,7 +455,7 @@ def main(argv=None):
     try:
         manifest = pack(args)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk, or a full quota on a shared one
+        if not disk_full(exc):
             raise
         raise UserError(f"{args.output_folder}: the disk filled up while packing ({exc.strerror}); no "
                         f"{MANIFEST} marks the folder finished, so train.py will not read it: free some space "

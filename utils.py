@@ -7,6 +7,7 @@ checkpoints.py, metrics in metrics.py, the loss in losses.py, the packed-data la
 """
 
 import ctypes
+import errno
 import functools
 import json
 import os
@@ -31,6 +32,11 @@ except ImportError:
 
 class UserError(Exception):
     """A problem with the user's input: the message names the file and what to do."""
+
+
+def disk_full(exc):
+    """Whether `exc` is a write refused for space: a full disk, or a full quota on a shared one."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def run_main(main_fn, prog):
