@@ -41,7 +41,7 @@ from caption import (DISPLAY_SIDE, attention_figure, attention_panel, caption_im
 from checkpoints import check_word_maps_match, models_from_checkpoint
 from datasets import meta_file
 from models import HARD_READS
-from utils import UserError, read_json, release_freed_memory, resolve_device, run_main
+from utils import UserError, ignore_pillow_warnings, read_json, release_freed_memory, resolve_device, run_main
 
 # Set before Gradio is imported, since it reads them then: no usage reports, no version check against
 # its servers, no Hugging Face Hub calls, no server-side rendering (which would need Node).
@@ -353,6 +353,7 @@ def build_page(captioner, examples=(), beam_size=3, max_beam_size=10):
 def main(argv=None):
     """Load the model and serve the page until interrupted."""
     args = parse_args(argv)
+    ignore_pillow_warnings()
     import_gradio()  # before the model loads: a missing Gradio is reported at once
     captioner = Captioner(args.checkpoint, resolve_device(args.device), args.max_steps, args.data_folder)
     examples = example_images(args.data_folder, args.examples) if args.data_folder else []

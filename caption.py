@@ -22,7 +22,6 @@ An image that cannot be read is reported in one line and skipped; the exit code 
 import argparse
 import io
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,8 @@ from beam_search import LENGTH_PENALTY_HELP, MAX_STEPS, is_unfinished
 from checkpoints import models_from_checkpoint
 from datasets import SPLITS, decode_tokens, meta_file
 from models import HARD_READS
-from utils import (IMAGE_SUFFIXES, UserError, keep_freed_memory, list_images, load_image, normalize_images,
-                   read_json, resolve_device, run_main, upright_rgb)
+from utils import (IMAGE_SUFFIXES, UserError, ignore_pillow_warnings, keep_freed_memory, list_images, load_image,
+                   normalize_images, read_json, resolve_device, run_main, upright_rgb)
 
 
 FIGURE_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
@@ -127,23 +126,19 @@ def figure_path(out, image, several, used):
 def load_photo(path, longest_side=DISPLAY_SIDE):
     """The image file as it is shown: (3, H, W) uint8 in its own proportions (EXIF orientation honoured,
     any mode made RGB as for the model), resized so that its longest side is `longest_side` pixels."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow's chatter about odd EXIF, palettes or huge photos
-        with Image.open(path) as image:  # decoded lazily: resized before the file closes
-            upright = upright_rgb(image, longest_side)  # a phone photo decodes at 1/2..1/8 scale
-            scale = longest_side / max(upright.size)
-            size = tuple(max(1, round(side * scale)) for side in upright.size)  # (W, H)
-            pixels = np.asarray(upright.resize(size, Image.Resampling.BICUBIC))  # (H, W, 3)
+    with Image.open(path) as image:  # decoded lazily: resized before the file closes
+        upright = upright_rgb(image, longest_side)  # a phone photo decodes at 1/2..1/8 scale
+        scale = longest_side / max(upright.size)
+        size = tuple(max(1, round(side * scale)) for side in upright.size)  # (W, H)
+        pixels = np.asarray(upright.resize(size, Image.Resampling.BICUBIC))  # (H, W, 3)
     return pixels.transpose(2, 0, 1).copy()  # (3, H, W)
 
 
 def small_image_note(path):
     """The one warning for an image too small to caption well (fewer than SMALL_IMAGE_SIDE pixels a
     side), or "": caption.py prints it, the page shows it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with Image.open(path) as image:
-            width, height = image.size
+    with Image.open(path) as image:
+        width, height = image.size
     if min(width, height) >= SMALL_IMAGE_SIDE:
         return ""
     return (f"{Path(path).name} is only {width}x{height} pixels; it was stretched to the model's input size, "
@@ -281,6 +276,7 @@ def main(argv=None):
     """Caption the images; print each caption and write the figures asked for. Returns
     [(path, words)] of the images captioned; raises UserError at the end if any could not be."""
     args = parse_args(argv)
+    ignore_pillow_warnings()
     device = resolve_device(args.device)
     keep_freed_memory(device)
     images = list_images(args.img)

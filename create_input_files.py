@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from packed_data import MANIFEST, SPLITS, WORD_MAP, split_file, write_meta
-from utils import UserError, disk_full, load_image, read_json, run_main, write_json
+from utils import UserError, disk_full, ignore_pillow_warnings, load_image, read_json, run_main, write_json
 
 # Words are runs of letters or digits in any script, with inner apostrophes ("don't").
 _WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
@@ -451,6 +451,7 @@ def exit_on_sigterm(signum, _frame):
 def main(argv=None):
     """Pack a dataset; print what was kept and dropped."""
     args = parse_args(argv)
+    ignore_pillow_warnings()
     previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         manifest = pack(args)

@@ -132,6 +132,17 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 EXIF_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose acts on
 
 
+def ignore_pillow_warnings():
+    """Hide, for the rest of the process, Pillow's warnings about files it decodes fine (odd EXIF data,
+    a palette's transparency, a very large photo): packing COCO would print them by the hundred.
+
+    For the main() of a program that decodes images, called before its threads start. Not
+    warnings.catch_warnings around each decode: that swaps process-wide state and is not thread-safe,
+    and two of the packer's decoding threads leaving it out of order left every warning ignored.
+    """
+    warnings.filterwarnings("ignore", module=r"PIL\.")
+
+
 def _to_rgb(image):
     """Any Pillow mode -> RGB: transparency over white, 16/32-bit and float scaled to 8 bits."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -164,16 +175,14 @@ def load_image(path, size):
     check_image_file(path)
     data = _jpeg_bytes(path) if simplejpeg is not None else b""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's chatter about odd EXIF or palettes
-            rgb = _decode_bare_jpeg(data, size)  # (H, W, 3) uint8, or None
-            if rgb is not None:
-                pixels = _squared(Image.fromarray(rgb), size)
-            else:
-                with Image.open(path) as image:  # reads the header only
-                    rgb = _decode_plain_jpeg(data, image, size)
-                    upright = Image.fromarray(rgb) if rgb is not None else upright_rgb(image, size - size // 8)
-                    pixels = _squared(upright, size)  # inside the with: Pillow may read the file only now
+        rgb = _decode_bare_jpeg(data, size)  # (H, W, 3) uint8, or None
+        if rgb is not None:
+            pixels = _squared(Image.fromarray(rgb), size)
+        else:
+            with Image.open(path) as image:  # reads the header only
+                rgb = _decode_plain_jpeg(data, image, size)
+                upright = Image.fromarray(rgb) if rgb is not None else upright_rgb(image, size - size // 8)
+                pixels = _squared(upright, size)  # inside the with: Pillow may read the file only now
     except Exception as exc:  # Pillow raises many types for broken files: all mean "unreadable"
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         reason = reason.replace(f" {str(path)!r}", "")  # Pillow repeats the path

@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,44 @@ def test_create_input_files_packs_without_importing_torch(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "manifest.json").is_file()
     assert "torch imported: False" in result.stdout
+
+
+
+def test_decoding_in_threads_never_touches_the_warning_filters(tmp_path, monkeypatch):
+    """Not while the threads decode, nor after: warnings.catch_warnings around each decode swaps the
+    process's filters, and two threads leaving it out of order left every warning ignored."""
+    from create_input_files import decode_images
+
+    filters_seen = []  # the filters in force as each image is resized
+    squared = utils._squared
+    monkeypatch.setattr(utils, "_squared", lambda image, size: (filters_seen.append(list(warnings.filters)),
+                                                                squared(image, size))[1])
+    paths = [save(tmp_path / f"{i}.jpg", noisy(48, 48, seed=i), quality=90) for i in range(30)]
+    paths += [save(tmp_path / f"{i}.png", noisy(48, 48, seed=i)) for i in range(30)]  # Pillow opens these
+    with warnings.catch_warnings(record=True) as shown:
+        before = list(warnings.filters)
+        results = list(decode_images([{"path": p} for p in paths], 32, workers=2, batch=1))
+        after = list(warnings.filters)
+        warnings.warn("a warning of the caller's own")
+    assert [error for _, _, error in results] == [None] * len(paths)
+    assert filters_seen == [before] * len(paths) and after == before
+    assert [str(w.message) for w in shown] == ["a warning of the caller's own"]
+
+
+def test_packing_hides_pillows_warnings_about_files_it_decodes(tmp_path, monkeypatch):
+    from conftest import pack_args, write_karpathy
+
+    import create_input_files
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40)  # larger images warn (DecompressionBombWarning)
+    entries = [(f"{i}.png", split, ["a noisy square"]) for i, split in enumerate(["train"] * 6 + ["val", "test"])]
+    for i, (name, _, _) in enumerate(entries):
+        save(tmp_path / name, noisy(48, 48, seed=i))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")  # as a fresh process shows a warning the first time
+        with pytest.warns(Image.DecompressionBombWarning):  # these files do warn
+            load_image(tmp_path / "0.png", 32)
+        manifest = create_input_files.main(pack_args(write_karpathy(tmp_path, entries), tmp_path, tmp_path / "out",
+                                                     "--workers", "2"))
+    assert manifest["images"] == {"train": 6, "val": 1, "test": 1}
+    assert [str(w.message) for w in shown] == []
