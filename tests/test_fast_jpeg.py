@@ -234,3 +234,13 @@ def test_packing_hides_pillows_warnings_about_files_it_decodes(tmp_path, monkeyp
                                                      "--workers", "2"))
     assert manifest["images"] == {"train": 6, "val": 1, "test": 1}
     assert [str(w.message) for w in shown] == []
+
+
+def test_a_float_image_with_nan_and_infinite_values_converts_without_a_warning(tmp_path):
+    """load_image once hid every warning around a decode; NumPy's about casting NaN is now hidden where it arises."""
+    values = np.array([[np.nan, np.inf, -np.inf], [0.0, 100.0, 300.0]], dtype=np.float32)
+    Image.fromarray(values, mode="F").save(tmp_path / "depth.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels = load_image(tmp_path / "depth.tif", 8)
+    assert pixels.shape == (3, 8, 8) and pixels.dtype == np.uint8
