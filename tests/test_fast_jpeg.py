@@ -1,6 +1,7 @@
 """load_image's simplejpeg path gives exactly the pixels of Pillow's draft mode, and leaves to Pillow
 every file it should not take (a plain JPEG without EXIF, XMP or MPF is not even opened by Pillow);
-create_input_files.py packs without importing torch."""
+create_input_files.py packs without importing torch; its decoding threads leave the warning filters as
+they are, and packing hides Pillow's warnings."""
 import io
 import json
 import subprocess
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import create_input_files
 import utils
+from conftest import pack_args, write_karpathy
 from utils import UserError, load_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,12 +198,9 @@ def test_create_input_files_packs_without_importing_torch(tmp_path):
     assert "torch imported: False" in result.stdout
 
 
-
 def test_decoding_in_threads_never_touches_the_warning_filters(tmp_path, monkeypatch):
     """Not while the threads decode, nor after: warnings.catch_warnings around each decode swaps the
     process's filters, and two threads leaving it out of order left every warning ignored."""
-    from create_input_files import decode_images
-
     filters_seen = []  # the filters in force as each image is resized
     squared = utils._squared
     monkeypatch.setattr(utils, "_squared", lambda image, size: (filters_seen.append(list(warnings.filters)),
@@ -209,7 +209,7 @@ def test_decoding_in_threads_never_touches_the_warning_filters(tmp_path, monkeyp
     paths += [save(tmp_path / f"{i}.png", noisy(48, 48, seed=i)) for i in range(30)]  # Pillow opens these
     with warnings.catch_warnings(record=True) as shown:
         before = list(warnings.filters)
-        results = list(decode_images([{"path": p} for p in paths], 32, workers=2, batch=1))
+        results = list(create_input_files.decode_images([{"path": p} for p in paths], 32, workers=2, batch=1))
         after = list(warnings.filters)
         warnings.warn("a warning of the caller's own")
     assert [error for _, _, error in results] == [None] * len(paths)
@@ -218,10 +218,6 @@ def test_decoding_in_threads_never_touches_the_warning_filters(tmp_path, monkeyp
 
 
 def test_packing_hides_pillows_warnings_about_files_it_decodes(tmp_path, monkeypatch):
-    from conftest import pack_args, write_karpathy
-
-    import create_input_files
-
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40)  # larger images warn (DecompressionBombWarning)
     entries = [(f"{i}.png", split, ["a noisy square"]) for i, split in enumerate(["train"] * 6 + ["val", "test"])]
     for i, (name, _, _) in enumerate(entries):
@@ -237,7 +233,8 @@ def test_packing_hides_pillows_warnings_about_files_it_decodes(tmp_path, monkeyp
 
 
 def test_a_float_image_with_nan_and_infinite_values_converts_without_a_warning(tmp_path):
-    """load_image once hid every warning around a decode; NumPy's about casting NaN is now hidden where it arises."""
+    """They convert as they always did, without NumPy's warning about the cast (load_image no longer hides
+    every warning around a decode)."""
     values = np.array([[np.nan, np.inf, -np.inf], [0.0, 100.0, 300.0]], dtype=np.float32)
     Image.fromarray(values, mode="F").save(tmp_path / "depth.tif")
     with warnings.catch_warnings():
