@@ -146,14 +146,15 @@ def ignore_pillow_warnings():
 def _to_rgb(image):
     """Any Pillow mode -> RGB: transparency over white, 16/32-bit and float scaled to 8 bits."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # NaN or infinite floats come out as whatever the casts make of them, without NumPy's warnings
-        # (errstate is per thread: the packer converts in its decoding threads).
-        with np.errstate(invalid="ignore", over="ignore"):
+        with np.errstate(invalid="ignore"):  # a signalling NaN warns as it is cast (errstate is per thread)
             values = np.asarray(image, dtype=np.float64)
-            peak = values.max() if values.size else 0.0
-            # 16-bit data spans 0..65535; 'I' and 'F' have no fixed range, so scale by what is there.
-            scale = 255.0 / (65535.0 if image.mode.startswith("I;16") else max(peak, 255.0))
-            image = Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8), mode="L")
+        # A float image may mark missing data with NaN or infinity: black, and the rest scaled as if absent
+        # (one such pixel made the peak infinite, and the whole image black).
+        values = np.where(np.isfinite(values), values, 0.0)
+        peak = values.max() if values.size else 0.0
+        # 16-bit data spans 0..65535; 'I' and 'F' have no fixed range, so scale by what is there.
+        scale = 255.0 / (65535.0 if image.mode.startswith("I;16") else max(peak, 255.0))
+        image = Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -190,6 +190,9 @@ MUTATIONS = [
              ("tests/test_fast_jpeg.py", "-k", "warning")),
     Mutation("packing: Pillow's warnings about files it decodes shown", "create_input_files.py",
              "    ignore_pillow_warnings()\n", "    pass\n", ("tests/test_fast_jpeg.py", "-k", "warning")),
+    Mutation("packing: a float image's NaN and infinite values kept", "utils.py",
+             "values = np.where(np.isfinite(values), values, 0.0)", "values = values",
+             ("tests/test_fast_jpeg.py", "-k", "float_image")),
     Mutation("packing: the meta file's entries without the commas between them", "packed_data.py",
              'lines = ",\\n".join(', 'lines = "\\n".join(', ("tests/test_packing_rules.py", "-k", "meta_file")),
     # A disk without room: refused before packing starts, and a disk that fills anyway leaves one line

@@ -232,12 +232,16 @@ def test_packing_hides_pillows_warnings_about_files_it_decodes(tmp_path, monkeyp
     assert [str(w.message) for w in shown] == []
 
 
-def test_a_float_image_with_nan_and_infinite_values_converts_without_a_warning(tmp_path):
-    """They convert as they always did, without NumPy's warning about the cast (load_image no longer hides
-    every warning around a decode)."""
+def test_a_float_image_with_nan_and_infinite_values_scales_its_finite_values_without_a_warning(tmp_path):
+    """Missing data marked NaN or infinite turns black and the rest scales by its own peak (one such pixel
+    made the whole image black), without NumPy's warning about the cast (load_image no longer hides every
+    warning around a decode)."""
     values = np.array([[np.nan, np.inf, -np.inf], [0.0, 100.0, 300.0]], dtype=np.float32)
     Image.fromarray(values, mode="F").save(tmp_path / "depth.tif")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        with Image.open(tmp_path / "depth.tif") as image:
+            grey = np.asarray(utils._to_rgb(image))[..., 0]
         pixels = load_image(tmp_path / "depth.tif", 8)
+    assert grey.tolist() == [[0, 0, 0], [0, 85, 255]]  # 100 and 300 of a peak of 300
     assert pixels.shape == (3, 8, 8) and pixels.dtype == np.uint8
