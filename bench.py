@@ -786,6 +786,13 @@ def targets(results):
             for name, (value, wanted, ok) in figures.items()}
 
 
+def round_speedups(seconds, kind):
+    """The tutorial's time over ours for each round of `kind` ("whole" or "steady"), as "lowest-highest":
+    how far one round strays from the median, which moves with the tutorial's one-core speed."""
+    ratios = [tutorial / ours for tutorial, ours in zip(seconds[f"tutorial_{kind}"], seconds[f"ours_{kind}"])]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}x"
+
+
 def packing_table(p):
     s, n, pixels = p["median_seconds"], p["images"], p["pixel_difference"]
     return [f"| Packing {n} 640x480 JPEGs (~{p['mean_file_kb']:.0f} KB) to 256x256 | whole process (s) "
@@ -795,6 +802,8 @@ def packing_table(p):
             f"| `create_input_files.py` (simplejpeg, --workers {p['workers']}) "
             f"| {s['ours_whole']:.2f} | {n / s['ours_steady']:.0f} |",
             f"| speed-up | **{p['whole_speedup']:.2f}x** | **{p['steady_speedup']:.2f}x** |",
+            f"| speed-up, round by round (lowest-highest) | {round_speedups(p['seconds'], 'whole')} "
+            f"| {round_speedups(p['seconds'], 'steady')} |",
             "", "| load_image's pixels against (mean / max absolute difference, 0-255, first 200 images) | |",
             "|---|---:|"] + [f"| {name.replace('_', ' ')} | {d['mean']:.3f} / {d['max']} |" for name, d in pixels.items()]
 

@@ -1,4 +1,5 @@
-"""bench.py's own helpers: the random encoder's BatchNorm calibration and the --sections flag."""
+"""bench.py's own helpers: the random encoder's BatchNorm calibration, the --sections flag, the grouped
+speed-ups and the packing table's round-by-round ratios."""
 import pytest
 import torch
 
@@ -37,3 +38,10 @@ def test_grouped_speedups_compare_k5_with_k1_in_each_setting():
     grouped = [run(False, 1, 5.0), run(False, 5, 15.0), run(True, 1, 2.0), run(True, 5, 7.0)]
     assert bench.grouped_speedups(grouped) == {"frozen": 3.0, "fine-tuned": 3.5}
     assert bench.parse_args(["--sections", "grouped"]).sections == ["grouped"]
+
+
+def test_packing_rounds_give_the_lowest_and_highest_ratio_of_the_same_round():
+    seconds = {"tutorial_whole": [12.0, 10.0, 9.0], "ours_whole": [3.0, 4.0, 3.0],
+               "tutorial_steady": [9.0, 8.0, 10.0], "ours_steady": [3.0, 3.2, 2.5]}
+    assert bench.round_speedups(seconds, "whole") == "2.50-4.00x"  # rounds 2 and 1: 10/4 and 12/3
+    assert bench.round_speedups(seconds, "steady") == "2.50-4.00x"  # rounds 2 and 3: 8/3.2 and 10/2.5
