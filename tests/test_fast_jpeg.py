@@ -202,9 +202,12 @@ def test_decoding_in_threads_never_touches_the_warning_filters(tmp_path, monkeyp
     """Not while the threads decode, nor after: warnings.catch_warnings around each decode swaps the
     process's filters, and two threads leaving it out of order left every warning ignored."""
     filters_seen = []  # the filters in force as each image is resized
-    squared = utils._squared
-    monkeypatch.setattr(utils, "_squared", lambda image, size: (filters_seen.append(list(warnings.filters)),
-                                                                squared(image, size))[1])
+
+    def recording(image, size, squared=utils._squared):
+        filters_seen.append(list(warnings.filters))
+        return squared(image, size)
+
+    monkeypatch.setattr(utils, "_squared", recording)
     paths = [save(tmp_path / f"{i}.jpg", noisy(48, 48, seed=i), quality=90) for i in range(30)]
     paths += [save(tmp_path / f"{i}.png", noisy(48, 48, seed=i)) for i in range(30)]  # Pillow opens these
     with warnings.catch_warnings(record=True) as shown:
