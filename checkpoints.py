@@ -17,7 +17,7 @@ import torch
 import safe_unpickle
 from datasets import WORD_MAP, read_word_map
 from models import DecoderWithAttention, Encoder
-from utils import UserError, atomic_write
+from utils import UserError, atomic_write, disk_full
 
 
 CHECKPOINT_VERSION = 1
@@ -51,8 +51,23 @@ def build_models(args, vocab_size, load_weights=True):
 
 
 def save_checkpoint(path, state):
-    """Atomically save a checkpoint dict (plain types and state dicts only)."""
-    atomic_write(path, lambda f: torch.save(state, f), binary=True)
+    """Atomically save a checkpoint dict (plain types and state dicts only).
+
+    Raises:
+        UserError naming the file when the disk fills up while writing it; the file saved there
+        before, if any, is left whole (atomic_write).
+    """
+    try:
+        atomic_write(path, lambda f: torch.save(state, f), binary=True)
+    except Exception as exc:
+        full = disk_full(exc)
+        if full is None:
+            raise
+        kept = ("the one saved there before is still whole" if Path(path).exists()
+                else "no checkpoint was written there")
+        raise UserError(f"{path}: the disk filled up while saving this checkpoint ({full.strerror}); {kept}. "
+                        "Free some space, then run again (train.py and scst.py continue from last.pt with "
+                        "--resume)") from None
 
 
 def load_checkpoint(path):

@@ -556,8 +556,9 @@ def convert_data(folder, out, base_name=None, chunk_images=256):
     except BaseException as exc:
         for partial, *_ in done.values():
             partial.unlink(missing_ok=True)
-        if disk_full(exc):
-            raise UserError(f"{out}: the disk filled up while converting ({exc.strerror}); free some space "
+        full = disk_full(exc)
+        if full is not None:
+            raise UserError(f"{out}: the disk filled up while converting ({full.strerror}); free some space "
                             "and run again") from None
         raise
     for split, (partial, *_) in done.items():

@@ -456,9 +456,10 @@ def main(argv=None):
     try:
         manifest = pack(args)
     except OSError as exc:
-        if not disk_full(exc):
+        full = disk_full(exc)
+        if full is None:
             raise
-        raise UserError(f"{args.output_folder}: the disk filled up while packing ({exc.strerror}); no "
+        raise UserError(f"{args.output_folder}: the disk filled up while packing ({full.strerror}); no "
                         f"{MANIFEST} marks the folder finished, so train.py will not read it: free some space "
                         "and run again") from None
     finally:

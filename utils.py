@@ -35,12 +35,21 @@ class UserError(Exception):
 
 
 def disk_full(exc):
-    """Whether `exc` is a write refused for space: a full disk, or a full quota on a shared one."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    """The OSError behind `exc` that refused a write for space (a full disk, or a full quota on a shared
+    one), or None. It may be `exc` itself or what `exc` was raised from: torch.save reports the failed
+    write as a RuntimeError ("unexpected pos ...") raised while handling the OSError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def run_main(main_fn, prog):
-    """Run a script's main() and turn a UserError into one line on stderr and exit code 1.
+    """Run a script's main() and turn a UserError, or a write refused for space, into one line on stderr
+    and exit code 1.
 
     Ctrl-C outside training's own handler (which saves a checkpoint first) exits with code 130 and
     one line, not a traceback.
@@ -49,6 +58,13 @@ def run_main(main_fn, prog):
         return main_fn()
     except UserError as exc:
         raise SystemExit(f"{prog}: error: {exc}") from None
+    except Exception as exc:
+        full = disk_full(exc)
+        if full is None:
+            raise
+        where = f" writing {full.filename}" if full.filename else ""
+        raise SystemExit(f"{prog}: error: the disk filled up{where} ({full.strerror}); free some space and run "
+                         "again") from None
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None

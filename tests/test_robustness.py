@@ -7,6 +7,7 @@ import csv
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -582,7 +583,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoints.torch, "save", dies_half_way)
-    with pytest.raises(OSError):
+    with pytest.raises(utils.UserError, match="disk filled up .* still whole"):
         checkpoints.save_checkpoint(path, {"format_version": 1, "weights": torch.zeros(3)})
     monkeypatch.undo()
     assert path.read_bytes() == before
@@ -597,6 +598,56 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
         checkpoints.save_checkpoint(path, {"format_version": 1, "weights": torch.zeros(3)})
     monkeypatch.undo()
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+class FillsUp:
+    """A file on a disk with `room` bytes left: the write that would pass it fails with ENOSPC."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        size = memoryview(data).nbytes
+        if size > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= size
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def test_a_disk_that_fills_while_saving_a_checkpoint_gives_one_line_and_keeps_the_one_before(data, one_epoch,
+                                                                                              tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch, run)
+    files = sorted(p.name for p in run.iterdir())
+    kept = {name: (run / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.csv")}
+
+    def atomic_write_on_a_full_disk(path, write_fn, binary=False, real=utils.atomic_write):
+        real(path, lambda f: write_fn(FillsUp(f, room=100_000)), binary)
+
+    # torch.save's own failure, which is a RuntimeError ("unexpected pos") raised from the OSError
+    monkeypatch.setattr(checkpoints, "atomic_write", atomic_write_on_a_full_disk)
+    message = run_script(train, train_argv(data, run, "--resume", run / "last.pt", epochs=2), "train.py")
+    assert_one_line_error(message, "train.py", run / "last.pt", "disk filled up", "still whole", "--resume")
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    assert sorted(p.name for p in run.iterdir()) == files  # no temporary file beside them
+
+
+def test_a_full_disk_elsewhere_is_one_line_naming_the_file_and_other_errors_stay_tracebacks():
+    def full():
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", "runs/coco/metrics.csv")
+
+    def broken():
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_main(full, "eval.py")
+    assert exit_info.value.code == ("eval.py: error: the disk filled up writing runs/coco/metrics.csv (Disk quota "
+                                    "exceeded); free some space and run again")
+    with pytest.raises(OSError, match="Input/output"):
+        utils.run_main(broken, "eval.py")
 
 
 # ----------------------------------------------------------------------------------------------
